@@ -1,0 +1,308 @@
+//! The one table from Otherix error codes to gRPC and HTTP status, and the
+//! encoding of error details that every transport shares.
+//!
+//! A failure leaves a service as a [`tonic::Status`] whose `details` hold a
+//! `google.rpc.Status` with two entries: a `google.rpc.ErrorInfo` whose
+//! `reason` is the documented error code, and a `google.protobuf.Struct` with
+//! the structured details. The REST gateway renders the same status as
+//! `{"error":{"code":...,"message":...,"details":{...}}}` and the CLI as
+//! `api_error: <code>: <message>`. Nothing else invents codes.
+
+use otherix_proto::google::rpc;
+use prost::Message;
+use prost_types::{Any, Struct, Value, value::Kind};
+use serde_json::{Map, Value as Json};
+use tonic::Code;
+
+/// The `ErrorInfo.domain` of every Otherix error.
+pub const ERROR_DOMAIN: &str = "otherix.dev";
+
+const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = ($code:literal, $grpc:ident, $http:literal), )*) => {
+        /// A documented Otherix error code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in table order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code as documented, e.g. `validation_failed`.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+
+            /// The gRPC status code this error travels with.
+            pub fn grpc_code(self) -> Code {
+                match self { $(ErrorCode::$variant => Code::$grpc,)* }
+            }
+
+            /// The HTTP status the REST surface answers with.
+            pub fn http_status(self) -> http::StatusCode {
+                let status = match self { $(ErrorCode::$variant => $http,)* };
+                http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
+            }
+
+            /// Looks a documented code up by its name.
+            pub fn from_name(name: &str) -> Option<ErrorCode> {
+                match name { $($code => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The request is malformed or a field is invalid.
+    ValidationFailed = ("validation_failed", InvalidArgument, 400),
+    /// No credentials were presented.
+    Unauthenticated = ("unauthenticated", Unauthenticated, 401),
+    /// The credentials were wrong.
+    InvalidCredentials = ("invalid_credentials", Unauthenticated, 401),
+    /// The token was revoked.
+    TokenRevoked = ("token_revoked", Unauthenticated, 401),
+    /// A join token's lifetime elapsed.
+    TokenExpired = ("token_expired", Unauthenticated, 401),
+    /// A join token has no uses left.
+    TokenExhausted = ("token_exhausted", Unauthenticated, 401),
+    /// A join token is unknown.
+    TokenInvalid = ("token_invalid", Unauthenticated, 401),
+    /// The caller's role lacks the permission.
+    PermissionDenied = ("permission_denied", PermissionDenied, 403),
+    /// The resource does not exist or is not visible to the caller.
+    NotFound = ("not_found", NotFound, 404),
+    /// The HTTP method is not served on this path.
+    MethodNotAllowed = ("method_not_allowed", Unimplemented, 405),
+    /// The request conflicts with the current state.
+    Conflict = ("conflict", Aborted, 409),
+    /// The resource is still referenced.
+    ResourceInUse = ("resource_in_use", FailedPrecondition, 409),
+    /// An idempotency key was reused with another request.
+    IdempotencyKeyMismatch = ("idempotency_key_mismatch", AlreadyExists, 409),
+    /// The request body exceeds the limit.
+    PayloadTooLarge = ("payload_too_large", ResourceExhausted, 413),
+    /// Too many attempts; retry later.
+    RateLimited = ("rate_limited", ResourceExhausted, 429),
+    /// An unexpected server-side failure.
+    Internal = ("internal", Internal, 500),
+    /// The agent on the node could not be reached.
+    AgentUnreachable = ("agent_unreachable", Unavailable, 502),
+    /// The request did not finish within the server's time limit, or the
+    /// store is unavailable.
+    RequestTimeout = ("request_timeout", Unavailable, 503),
+    /// No default storage pool is configured.
+    DefaultPoolNotSet = ("default_pool_not_set", InvalidArgument, 400),
+    /// The named storage pool does not exist.
+    PoolNotFound = ("pool_not_found", InvalidArgument, 400),
+}
+
+/// An error as it leaves the API: a documented code, a message for people and
+/// structured details for programs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// The documented code.
+    pub code: ErrorCode,
+    /// A one-sentence English message.
+    pub message: String,
+    /// Structured details (may be empty).
+    pub details: Map<String, Json>,
+}
+
+impl ApiError {
+    /// An error with a code and a message and no details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), details: Map::new() }
+    }
+
+    /// Adds one detail.
+    pub fn with_detail(mut self, key: &str, value: impl Into<Json>) -> Self {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// `validation_failed` naming the offending field.
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::ValidationFailed, message).with_detail("field", field)
+    }
+
+    /// `internal`, for failures whose cause is logged, not shown.
+    pub fn internal() -> Self {
+        ApiError::new(ErrorCode::Internal, "internal error")
+    }
+
+    /// Encodes the error as a gRPC status with ErrorInfo and Struct details.
+    pub fn to_status(&self) -> tonic::Status {
+        let info = rpc::ErrorInfo {
+            reason: self.code.as_str().to_owned(),
+            domain: ERROR_DOMAIN.to_owned(),
+            metadata: Default::default(),
+        };
+        let mut details = vec![Any { type_url: ERROR_INFO_TYPE.to_owned(), value: info.encode_to_vec() }];
+        if !self.details.is_empty() {
+            let s = json_object_to_struct(&self.details);
+            details.push(Any { type_url: STRUCT_TYPE.to_owned(), value: s.encode_to_vec() });
+        }
+        let status = rpc::Status {
+            code: self.code.grpc_code() as i32,
+            message: self.message.clone(),
+            details,
+        };
+        tonic::Status::with_details(
+            self.code.grpc_code(),
+            self.message.clone(),
+            status.encode_to_vec().into(),
+        )
+    }
+
+    /// Reads an error back from a gRPC status. Statuses that carry no Otherix
+    /// ErrorInfo (tonic's own, a proxy's) get the code their gRPC code maps to.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        let mut err = ApiError::new(fallback_code(status.code()), status.message());
+        if let Ok(decoded) = rpc::Status::decode(status.details()) {
+            for any in decoded.details {
+                match any.type_url.as_str() {
+                    ERROR_INFO_TYPE => {
+                        if let Ok(info) = rpc::ErrorInfo::decode(any.value.as_slice()) {
+                            if let Some(code) = ErrorCode::from_name(&info.reason) {
+                                err.code = code;
+                            }
+                        }
+                    }
+                    STRUCT_TYPE => {
+                        if let Ok(s) = Struct::decode(any.value.as_slice()) {
+                            err.details = struct_to_json_object(&s);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        err
+    }
+
+    /// The REST body: `{"error":{"code","message","details"?}}`.
+    pub fn to_json(&self) -> Json {
+        let mut inner = Map::new();
+        inner.insert("code".into(), Json::String(self.code.as_str().into()));
+        inner.insert("message".into(), Json::String(self.message.clone()));
+        if !self.details.is_empty() {
+            inner.insert("details".into(), Json::Object(self.details.clone()));
+        }
+        let mut outer = Map::new();
+        outer.insert("error".into(), Json::Object(inner));
+        Json::Object(outer)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        e.to_status()
+    }
+}
+
+/// The documented code for a gRPC status that carries none of its own.
+pub fn fallback_code(code: Code) -> ErrorCode {
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition => ErrorCode::ValidationFailed,
+        Code::OutOfRange => ErrorCode::PayloadTooLarge,
+        Code::Unauthenticated => ErrorCode::Unauthenticated,
+        Code::PermissionDenied => ErrorCode::PermissionDenied,
+        Code::NotFound => ErrorCode::NotFound,
+        Code::Unimplemented => ErrorCode::NotFound,
+        Code::AlreadyExists | Code::Aborted => ErrorCode::Conflict,
+        Code::ResourceExhausted => ErrorCode::RateLimited,
+        Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled => ErrorCode::RequestTimeout,
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn json_object_to_struct(map: &Map<String, Json>) -> Struct {
+    Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
+}
+
+fn json_to_value(v: &Json) -> Value {
+    let kind = match v {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(json_to_value).collect() }),
+        Json::Object(o) => Kind::StructValue(json_object_to_struct(o)),
+    };
+    Value { kind: Some(kind) }
+}
+
+fn struct_to_json_object(s: &Struct) -> Map<String, Json> {
+    s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect()
+}
+
+fn value_to_json(v: &Value) -> Json {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            // Integral numbers come back as integers so `{"limit": 200}` stays `200`.
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Json::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(value_to_json).collect()),
+        Some(Kind::StructValue(s)) => Json::Object(struct_to_json_object(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_keeps_code_message_and_details() {
+        let err = ApiError::new(ErrorCode::PermissionDenied, "role viewer lacks user:manage")
+            .with_detail("required_permission", "user:manage")
+            .with_detail("count", 3);
+        let status = err.to_status();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let back = ApiError::from_status(&status);
+        assert_eq!(back, err);
+    }
+
+    #[test]
+    fn foreign_status_falls_back_on_grpc_code() {
+        let status = tonic::Status::out_of_range("decoded message length too large");
+        let err = ApiError::from_status(&status);
+        assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+        assert_eq!(err.message, "decoded message length too large");
+    }
+
+    #[test]
+    fn every_code_is_unique_and_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let name = code.as_str();
+            assert!(seen.insert(name), "{name} twice");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+            assert_eq!(ErrorCode::from_name(name), Some(*code));
+        }
+    }
+
+    #[test]
+    fn json_shape_omits_empty_details() {
+        let j = ApiError::new(ErrorCode::NotFound, "no such thing").to_json();
+        assert_eq!(j, serde_json::json!({"error":{"code":"not_found","message":"no such thing"}}));
+    }
+}
