@@ -1,1 +1,140 @@
-//! placeholder during bootstrap
+//! The Otherix control plane: gRPC, grpc-web and REST on one port, state in
+//! etcd (its own supervised member by default, or an external cluster).
+
+pub mod access;
+pub mod cluster;
+pub mod config;
+pub mod health;
+pub mod names;
+pub mod rpc;
+pub mod server;
+pub mod store_error;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use otherix_etcd_member::{Member, MemberConfig};
+use otherix_store::Store;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The embedded etcd member did not start.
+    #[error("cannot start the embedded etcd member")]
+    Member(#[from] otherix_etcd_member::MemberError),
+    /// The store client could not be created.
+    #[error("cannot connect to etcd")]
+    Store(#[from] otherix_store::StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS material is unusable.
+    #[error("server.tls: {0}")]
+    Tls(String),
+    /// The compiled-in contract is inconsistent (a build defect).
+    #[error("API contract: {0}")]
+    Contract(String),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    serve: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    member: Option<Member>,
+}
+
+impl ApiServer {
+    /// Starts everything the config asks for and begins serving.
+    pub async fn start(config: Config) -> Result<ApiServer, StartError> {
+        config.validate()?;
+        let member = if config.etcd.endpoints.is_empty() { Some(start_member(&config).await?) } else { None };
+        let endpoints = match &member {
+            Some(m) => vec![m.client_url().to_owned()],
+            None => config.etcd.endpoints.clone(),
+        };
+        let store = Store::connect(&endpoints, Duration::from_secs(config.etcd.request_timeout_seconds)).await?;
+        let app = server::build_router(&config, store.clone()).await?;
+        let tls = match &config.server.tls {
+            Some(t) => Some(server::tls_config(&t.cert_file, &t.key_file)?),
+            None => None,
+        };
+        let addr = config.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+
+        let seed = {
+            let store = store.clone();
+            let name = config.storage_pools.default_pool_name.clone();
+            tokio::spawn(async move {
+                // An external etcd may not answer yet: keep trying.
+                while let Err(e) = cluster::seed_default_pool(&store, &name).await {
+                    tracing::warn!(error = %e, "cannot seed cluster settings yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            })
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+        let serve = tokio::spawn(async move {
+            server::serve(listener, app, tls, async { drop(stop_rx.await) }, grace).await;
+        });
+        tracing::info!(%addr, tls = config.server.tls.is_some(), embedded_etcd = member.is_some(), "otherix-api serving");
+        Ok(ApiServer { addr, stop: Some(stop_tx), serve: Some(serve), background: vec![seed], member })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The embedded member's pid, when one runs.
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.member.as_ref().and_then(Member::pid)
+    }
+
+    /// Stops serving (letting calls in flight finish), then stops the member.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(serve) = self.serve.take() {
+            let _ = serve.await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
+        }
+        if let Some(m) = self.member.take() {
+            m.stop().await;
+        }
+        tracing::info!("otherix-api stopped");
+    }
+}
+
+async fn start_member(config: &Config) -> Result<Member, StartError> {
+    let e = &config.etcd;
+    let mut mc = MemberConfig::new(&e.name, &config.etcd_data_dir(), e.client_port, e.peer_port);
+    mc.binary = e.binary.clone();
+    mc.quota_backend_bytes = e.quota_backend_bytes;
+    mc.auto_compaction_retention = e.auto_compaction_retention.clone();
+    mc.heartbeat_interval_ms = e.heartbeat_interval_ms;
+    mc.election_timeout_ms = e.election_timeout_ms;
+    mc.start_timeout = Duration::from_secs(e.start_timeout_seconds);
+    mc.log_file = Some(config.state_dir.join("run").join("etcd.log"));
+    Ok(Member::start(mc).await?)
+}

@@ -1,0 +1,113 @@
+//! ClusterService: cluster-wide settings, kept in one store record.
+
+use otherix_errors::{ApiError, ErrorCode};
+use otherix_proto::otherix::store::v1::ClusterSettings;
+use otherix_proto::v1::cluster_service_server::ClusterService;
+use otherix_proto::v1::{DefaultPool, GetDefaultPoolRequest, SetDefaultPoolRequest, UnsetDefaultPoolRequest, UnsetDefaultPoolResponse};
+use otherix_store::{Store, StoreError};
+use tonic::{Request, Response, Status};
+
+use crate::names::is_label;
+use crate::store_error::store_error;
+
+/// The store key of the settings record.
+pub const SETTINGS_KEY: &str = "cluster_settings";
+
+/// Serves ClusterService from the store.
+#[derive(Debug, Clone)]
+pub struct ClusterSettingsService {
+    store: Store,
+}
+
+impl ClusterSettingsService {
+    /// A service over `store`.
+    pub fn new(store: Store) -> Self {
+        ClusterSettingsService { store }
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(std::time::SystemTime::now())
+}
+
+fn view(s: &ClusterSettings) -> Result<DefaultPool, ApiError> {
+    if s.default_pool_name.is_empty() {
+        return Err(ApiError::new(ErrorCode::NotFound, "no cluster default pool is set").with_detail("setting", "default_pool"));
+    }
+    Ok(DefaultPool { name: s.default_pool_name.clone(), updated_at: s.default_pool_updated_at })
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterSettingsService {
+    #[tracing::instrument(skip_all)]
+    async fn get_default_pool(&self, _req: Request<GetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
+        let current = self.store.get::<ClusterSettings>(SETTINGS_KEY).await.map_err(store_error)?;
+        Ok(Response::new(view(&current.map(|v| v.value).unwrap_or_default())?))
+    }
+
+    #[tracing::instrument(skip_all, fields(pool = %req.get_ref().name))]
+    async fn set_default_pool(&self, req: Request<SetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
+        let name = req.into_inner().name;
+        if !is_label(&name) {
+            return Err(ApiError::invalid_field("name", format!("{name:?} is not a valid pool name (lowercase letters, digits and '-', at most 63)")).into());
+        }
+        let stored = self
+            .store
+            .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
+                let mut next = cur.cloned().unwrap_or_default();
+                if next.default_pool_name == name {
+                    return Ok(None);
+                }
+                next.default_pool_name = name.clone();
+                next.default_pool_updated_at = Some(now());
+                next.default_pool_seeded = true;
+                Ok(Some(next))
+            })
+            .await
+            .map_err(store_error)?;
+        let settings = stored.map(|v| v.value).unwrap_or_default();
+        tracing::info!(pool = %settings.default_pool_name, "cluster default pool set");
+        Ok(Response::new(view(&settings)?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn unset_default_pool(&self, _req: Request<UnsetDefaultPoolRequest>) -> Result<Response<UnsetDefaultPoolResponse>, Status> {
+        self.store
+            .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
+                let mut next = cur.cloned().unwrap_or_default();
+                if next.default_pool_name.is_empty() && next.default_pool_seeded {
+                    return Ok(None);
+                }
+                next.default_pool_name.clear();
+                next.default_pool_updated_at = Some(now());
+                next.default_pool_seeded = true;
+                Ok(Some(next))
+            })
+            .await
+            .map_err(store_error)?;
+        tracing::info!("cluster default pool unset");
+        Ok(Response::new(UnsetDefaultPoolResponse {}))
+    }
+}
+
+/// On the first start of a cluster, makes `name` the default pool; an
+/// operator's later change or unset is never undone.
+pub async fn seed_default_pool(store: &Store, name: &str) -> Result<(), StoreError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    store
+        .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
+            if cur.is_some_and(|c| c.default_pool_seeded) {
+                return Ok(None);
+            }
+            tracing::info!(pool = name, "seeding the cluster default pool");
+            Ok(Some(ClusterSettings {
+                default_pool_name: name.to_owned(),
+                default_pool_updated_at: Some(now()),
+                default_pool_seeded: true,
+            }))
+        })
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,443 @@
+//! The control plane's configuration: a YAML file (`--config`) with
+//! `OTHERIX_` environment overrides, `__` separating nested keys
+//! (`OTHERIX_SERVER__LISTEN=0.0.0.0:8080`). Every key is documented in
+//! `deploy/config/api.example.yaml`. An invalid config names the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not YAML.
+    #[error("config file {path} is not valid YAML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key is unknown or has a value of the wrong type or range.
+    #[error("invalid config key {key}: {message}")]
+    Key {
+        /// The dotted key, e.g. `server.listen`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key { key: key.to_owned(), message: message.into() }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where runtime state lives (the embedded etcd data, pidfiles).
+    pub state_dir: PathBuf,
+    /// The user-facing listener.
+    pub server: ServerConfig,
+    /// The store.
+    pub etcd: EtcdConfig,
+    /// Logging.
+    pub logger: LoggerConfig,
+    /// Storage pool defaults.
+    pub storage_pools: StoragePoolsConfig,
+}
+
+/// The listener serving gRPC, grpc-web, REST and health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// TLS; absent serves plaintext (h2c for gRPC).
+    pub tls: Option<TlsConfig>,
+    /// Largest REST body and gRPC message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Time limit of one REST call, in seconds.
+    pub request_timeout_seconds: u64,
+    /// How long shutdown waits for calls in flight, in seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+/// A certificate and key in PEM files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain.
+    pub cert_file: PathBuf,
+    /// The private key.
+    pub key_file: PathBuf,
+}
+
+/// The store: the control plane's own etcd member, or an external cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// External cluster endpoints; when set, no member is started.
+    pub endpoints: Vec<String>,
+    /// The etcd binary of the embedded member.
+    pub binary: PathBuf,
+    /// The member's name.
+    pub name: String,
+    /// The member's data dir; empty means `<state_dir>/etcd`.
+    pub data_dir: PathBuf,
+    /// Loopback client port of the member.
+    pub client_port: u16,
+    /// Loopback peer port of the member.
+    pub peer_port: u16,
+    /// Backend quota; past it etcd raises a NOSPACE alarm that `/readyz` shows.
+    pub quota_backend_bytes: u64,
+    /// Periodic auto-compaction retention, e.g. `1h`.
+    pub auto_compaction_retention: String,
+    /// Raft heartbeat interval in milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// Raft election timeout in milliseconds.
+    pub election_timeout_ms: u32,
+    /// Time limit of one store request, in seconds.
+    pub request_timeout_seconds: u64,
+    /// How long to wait for the member to become healthy, in seconds.
+    pub start_timeout_seconds: u64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// Filter, e.g. `info` or `otherix_api=debug,info`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Storage pool defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoragePoolsConfig {
+    /// The pool made the cluster default on first boot; empty seeds nothing.
+    pub default_pool_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/otherix/api"),
+            server: ServerConfig::default(),
+            etcd: EtcdConfig::default(),
+            logger: LoggerConfig::default(),
+            storage_pools: StoragePoolsConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".into(),
+            tls: None,
+            max_request_bytes: 1024 * 1024,
+            request_timeout_seconds: 30,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            binary: PathBuf::from("etcd"),
+            name: "otherix-api".into(),
+            data_dir: PathBuf::new(),
+            client_port: 2379,
+            peer_port: 2380,
+            quota_backend_bytes: 2 * 1024 * 1024 * 1024,
+            auto_compaction_retention: "1h".into(),
+            heartbeat_interval_ms: 100,
+            election_timeout_ms: 1000,
+            request_timeout_seconds: 5,
+            start_timeout_seconds: 30,
+        }
+    }
+}
+
+impl Default for LoggerConfig {
+    fn default() -> Self {
+        LoggerConfig { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl Default for StoragePoolsConfig {
+    fn default() -> Self {
+        StoragePoolsConfig { default_pool_name: "default".into() }
+    }
+}
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "OTHERIX_";
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`) and applies overrides from `env`.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut tree = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let yaml: Value = if text.trim().is_empty() {
+                    Value::Object(Map::new())
+                } else {
+                    yaml_serde::from_str(&text)
+                        .map_err(|e| ConfigError::Syntax { path: p.to_owned(), message: e.to_string() })?
+                };
+                match yaml {
+                    Value::Object(_) => yaml,
+                    Value::Null => Value::Object(Map::new()),
+                    _ => return Err(ConfigError::Syntax { path: p.to_owned(), message: "the top level must be a mapping".into() }),
+                }
+            }
+            None => Value::Object(Map::new()),
+        };
+        apply_env(&mut tree, env)?;
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            key_err(if key == "." { "(top level)" } else { &key }, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if let Some(tls) = &self.server.tls {
+            for (key, file) in [("server.tls.cert_file", &tls.cert_file), ("server.tls.key_file", &tls.key_file)] {
+                if !file.is_file() {
+                    return Err(key_err(key, format!("{} is not a readable file", file.display())));
+                }
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.server.max_request_bytes) {
+            return Err(key_err("server.max_request_bytes", "must be between 1024 and 67108864"));
+        }
+        if self.server.request_timeout_seconds == 0 {
+            return Err(key_err("server.request_timeout_seconds", "must be at least 1"));
+        }
+        for (i, e) in self.etcd.endpoints.iter().enumerate() {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
+                return Err(key_err(&format!("etcd.endpoints[{i}]"), format!("{e:?} is not an http(s) URL")));
+            }
+        }
+        if self.etcd.endpoints.is_empty() {
+            if self.etcd.client_port == 0 || self.etcd.peer_port == 0 || self.etcd.client_port == self.etcd.peer_port {
+                return Err(key_err("etcd.peer_port", "client_port and peer_port must be distinct and non-zero"));
+            }
+            if self.etcd.name.is_empty() || !self.etcd.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(key_err("etcd.name", "must be letters, digits and '-'"));
+            }
+            if self.etcd.quota_backend_bytes < 64 * 1024 * 1024 {
+                return Err(key_err("etcd.quota_backend_bytes", "must be at least 64 MiB"));
+            }
+            if self.etcd.heartbeat_interval_ms == 0 || self.etcd.election_timeout_ms < 5 * self.etcd.heartbeat_interval_ms {
+                return Err(key_err("etcd.election_timeout_ms", "must be at least five heartbeat intervals"));
+            }
+        }
+        if self.etcd.request_timeout_seconds == 0 {
+            return Err(key_err("etcd.request_timeout_seconds", "must be at least 1"));
+        }
+        if tracing_subscriber_filter_ok(&self.logger.level).is_err() {
+            return Err(key_err("logger.level", format!("{:?} is not a log filter", self.logger.level)));
+        }
+        let pool = &self.storage_pools.default_pool_name;
+        if !pool.is_empty() && !crate::names::is_label(pool) {
+            return Err(key_err("storage_pools.default_pool_name", format!("{pool:?} is not a lowercase RFC 1123 label")));
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| key_err("server.listen", format!("{:?} is not an address:port", self.server.listen)))
+    }
+
+    /// The embedded member's data dir.
+    pub fn etcd_data_dir(&self) -> PathBuf {
+        if self.etcd.data_dir.as_os_str().is_empty() { self.state_dir.join("etcd") } else { self.etcd.data_dir.clone() }
+    }
+}
+
+fn tracing_subscriber_filter_ok(level: &str) -> Result<(), ()> {
+    // A log filter is a comma-separated list of `target=level` or `level`.
+    let ok = level.split(',').filter(|d| !d.is_empty()).all(|directive| {
+        let lvl = directive.rsplit('=').next().unwrap_or("");
+        matches!(lvl.to_ascii_lowercase().as_str(), "trace" | "debug" | "info" | "warn" | "error" | "off")
+            || (!directive.contains('=') && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+    });
+    if ok && !level.is_empty() { Ok(()) } else { Err(()) }
+}
+
+/// Applies `OTHERIX_A__B=value` overrides whose first segment names a known
+/// top-level key; other `OTHERIX_` variables (the CLI's, bootstrap secrets)
+/// are not config and are left alone.
+fn apply_env(tree: &mut Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let known: Vec<String> = match serde_json::to_value(Config::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        if !known.contains(&path[0]) {
+            continue;
+        }
+        if path.iter().any(String::is_empty) {
+            return Err(key_err(&name, "empty key segment"));
+        }
+        // The value is read as YAML, so numbers, booleans and `[a, b]` lists work.
+        let value: Value = if raw.is_empty() {
+            Value::String(String::new())
+        } else {
+            yaml_serde::from_str(&raw).unwrap_or(Value::String(raw.clone()))
+        };
+        let mut node = &mut *tree;
+        for seg in &path[..path.len() - 1] {
+            let obj = node.as_object_mut().ok_or_else(|| key_err(&name, "overrides a key that is not a mapping"))?;
+            node = obj.entry(seg.clone()).or_insert_with(|| Value::Object(Map::new()));
+            if node.is_null() {
+                *node = Value::Object(Map::new());
+            }
+        }
+        let obj = node.as_object_mut().ok_or_else(|| key_err(&name, "overrides a key that is not a mapping"))?;
+        obj.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.server.max_request_bytes, 1024 * 1024);
+        assert_eq!(c.storage_pools.default_pool_name, "default");
+    }
+
+    #[test]
+    fn yaml_and_env_overrides_nest_with_double_underscore() {
+        let f = file("server:\n  listen: 127.0.0.1:9000\netcd:\n  client_port: 3000\n");
+        let c = Config::load(
+            Some(f.path()),
+            env(&[
+                ("OTHERIX_SERVER__LISTEN", "127.0.0.1:9100"),
+                ("OTHERIX_ETCD__ENDPOINTS", "[http://10.0.0.1:2379, http://10.0.0.2:2379]"),
+                ("OTHERIX_LOGGER__FORMAT", "json"),
+                ("OTHERIX_API_TOKEN", "not-config"),
+                ("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9100");
+        assert_eq!(c.etcd.client_port, 3000);
+        assert_eq!(c.etcd.endpoints.len(), 2);
+        assert_eq!(c.logger.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("server:\n  listne: x\n", &[], "server"),
+            ("server:\n  listen: nowhere\n", &[], "server.listen"),
+            ("etcd:\n  client_port: lots\n", &[], "etcd.client_port"),
+            ("logger:\n  format: xml\n", &[], "logger.format"),
+            ("", &[("OTHERIX_SERVER__MAX_REQUEST_BYTES", "12")], "server.max_request_bytes"),
+            ("", &[("OTHERIX_ETCD__ENDPOINTS", "[ftp://x]")], "etcd.endpoints[0]"),
+            ("", &[("OTHERIX_STORAGE_POOLS__DEFAULT_POOL_NAME", "Bad_Name")], "storage_pools.default_pool_name"),
+            ("", &[("OTHERIX_SERVER__NOPE", "1")], "server"),
+            ("server:\n  tls:\n    cert_file: /nonexistent.crt\n    key_file: /nonexistent.key\n", &[], "server.tls.cert_file"),
+        ];
+        for (yaml, vars, key) in cases {
+            let f = file(yaml);
+            let err = Config::load(Some(f.path()), env(vars)).unwrap_err();
+            let ConfigError::Key { key: got, message } = &err else { panic!("{yaml:?}: {err}") };
+            assert!(got.starts_with(key), "{yaml:?} {vars:?}: named {got:?} ({message}), want {key:?}");
+        }
+    }
+
+    fn key_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Object(m) = v {
+            for (k, child) in m {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                out.push(path.clone());
+                key_paths(child, &path, out);
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_config_documents_every_key() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config/api.example.yaml")).unwrap();
+        let example: Value = yaml_serde::from_str(&text).unwrap();
+        let parsed: Config = serde_path_to_error::deserialize(example.clone()).unwrap();
+        assert!(parsed.server.tls.is_some());
+        let (mut documented, mut known) = (Vec::new(), Vec::new());
+        key_paths(&example, "", &mut documented);
+        key_paths(&serde_json::to_value(Config::default()).unwrap(), "", &mut known);
+        known.extend(["server.tls.cert_file".to_owned(), "server.tls.key_file".to_owned()]);
+        documented.sort();
+        known.sort();
+        assert_eq!(documented, known);
+    }
+
+    #[test]
+    fn the_dev_config_is_valid() {
+        let dev = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../dev/config/api.yaml"));
+        let c = Config::load(Some(dev), Vec::new()).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.etcd_data_dir(), PathBuf::from(".local/etcd"));
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_reported() {
+        let f = file("server: [unclosed\n");
+        assert!(matches!(Config::load(Some(f.path()), Vec::new()), Err(ConfigError::Syntax { .. })));
+    }
+}

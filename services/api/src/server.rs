@@ -1,0 +1,179 @@
+//! One listener for everything: gRPC (h2c, or TLS with ALPN), grpc-web over
+//! HTTP/1.1 and HTTP/2, the REST gateway, and the health endpoints.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::routing::get;
+use http::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use otherix_gateway::{Gateway, GatewayConfig, error_response, not_found, routes_from_pool};
+use otherix_proto::v1::cluster_service_server::ClusterServiceServer;
+use otherix_store::Store;
+use prost_reflect::DescriptorPool;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::access::AccessTable;
+use crate::cluster::ClusterSettingsService;
+use crate::config::Config;
+use crate::{StartError, health, rpc};
+
+/// Builds the whole application router.
+pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router, StartError> {
+    let pool = DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
+    let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
+    let max = config.server.max_request_bytes;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ClusterServiceServer<ClusterSettingsService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Contract(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Contract(e.to_string()))?;
+
+    let web = tonic_web::GrpcWebLayer::new();
+    use tower::Layer;
+    let cluster = ClusterServiceServer::new(ClusterSettingsService::new(store.clone())).max_decoding_message_size(max);
+    let grpc = tonic::service::Routes::new(web.layer(cluster))
+        .add_service(web.layer(health_service))
+        .add_service(web.layer(reflection_v1))
+        .add_service(web.layer(reflection_v1alpha))
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
+
+    let routes = routes_from_pool(&pool, "otherix.").map_err(|e| StartError::Contract(e.to_string()))?;
+    let gateway = Gateway::new(
+        routes,
+        grpc.clone(),
+        GatewayConfig { max_body_bytes: max, request_timeout: Duration::from_secs(config.server.request_timeout_seconds) },
+    );
+
+    let health_routes = axum::Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(store);
+    let dispatch = tower::service_fn(move |req: Request<Body>| {
+        let grpc = grpc.clone();
+        let gateway = gateway.clone();
+        async move {
+            let is_grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/grpc"));
+            let resp: Response<Body> = if is_grpc {
+                grpc.oneshot(req).await.unwrap_or_else(|never| match never {})
+            } else if req.uri().path().starts_with("/v1/") {
+                gateway.handle(req).await
+            } else {
+                error_response(&not_found(req.uri().path()))
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    Ok(health_routes.fallback_service(dispatch))
+}
+
+/// Loads a PEM certificate chain and key into a TLS config offering h2 and http/1.1.
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let tls_err = |what: String| StartError::Tls(what);
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).map_err(|e| tls_err(format!("{}: {e}", cert.display())))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| tls_err(format!("{}: {e}", cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).map_err(|e| tls_err(format!("{}: {e}", key.display())))?,
+    ))
+    .map_err(|e| tls_err(format!("{}: {e}", key.display())))?
+    .ok_or_else(|| tls_err(format!("{}: no private key", key.display())))?;
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts connections until `shutdown` resolves, then waits up to `grace`
+/// for connections in flight.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let local = listener.local_addr().ok();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Without TCP_NODELAY the first gRPC call on a connection waits ~40 ms.
+        let _ = stream.set_nodelay(true);
+        // Every request carries the peer address, for logs and tonic's remote_addr().
+        let svc = TowerToHyperService::new(app.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut()
+                .insert(tonic::transport::server::TcpConnectInfo { local_addr: local, remote_addr: Some(peer) });
+            req
+        }));
+        let builder = auto::Builder::new(TokioExecutor::new());
+        match &acceptor {
+            None => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "connections still open after the grace period");
+    }
+}

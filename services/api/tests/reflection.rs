@@ -1,0 +1,121 @@
+//! A client that knows nothing but the server's address finds and calls
+//! GetDefaultPool through gRPC reflection (v1 and v1alpha), as grpcurl does.
+
+mod common;
+
+use common::Harness;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MethodDescriptor};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+/// A codec for messages known only at run time.
+#[derive(Clone)]
+struct DynamicCodec(MethodDescriptor);
+
+struct DynEncoder;
+struct DynDecoder(prost_reflect::MessageDescriptor);
+
+impl Encoder for DynEncoder {
+    type Item = DynamicMessage;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        item.encode(dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl Decoder for DynDecoder {
+    type Item = DynamicMessage;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, tonic::Status> {
+        DynamicMessage::decode(self.0.clone(), src).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for DynamicCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynEncoder;
+    type Decoder = DynDecoder;
+    fn encoder(&mut self) -> DynEncoder {
+        DynEncoder
+    }
+    fn decoder(&mut self) -> DynDecoder {
+        DynDecoder(self.0.output())
+    }
+}
+
+async fn reflect(channel: tonic::transport::Channel, req: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(channel);
+    let stream = tokio_stream::iter(vec![ServerReflectionRequest { host: String::new(), message_request: Some(req) }]);
+    let mut resp = client.server_reflection_info(stream).await.unwrap().into_inner();
+    resp.message().await.unwrap().unwrap().message_response.unwrap()
+}
+
+#[tokio::test]
+async fn get_default_pool_via_reflection() {
+    let h = Harness::start().await;
+    h.wait_seeded().await;
+    let channel = h.grpc_channel().await;
+
+    let MessageResponse::ListServicesResponse(list) = reflect(channel.clone(), MessageRequest::ListServices(String::new())).await else {
+        panic!("not a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.clone()).collect();
+    assert!(names.contains(&"otherix.v1.ClusterService".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+
+    let MessageResponse::FileDescriptorResponse(files) =
+        reflect(channel.clone(), MessageRequest::FileContainingSymbol("otherix.v1.ClusterService".into())).await
+    else {
+        panic!("no descriptors");
+    };
+    // Fetch missing imports by file name, as grpcurl does.
+    let mut set = prost_types::FileDescriptorSet::default();
+    let mut pending: Vec<Vec<u8>> = files.file_descriptor_proto;
+    while let Some(raw) = pending.pop() {
+        let file = prost_types::FileDescriptorProto::decode(raw.as_slice()).unwrap();
+        if set.file.iter().any(|f| f.name == file.name) {
+            continue;
+        }
+        for dep in &file.dependency {
+            if !set.file.iter().any(|f| f.name.as_deref() == Some(dep.as_str())) {
+                let MessageResponse::FileDescriptorResponse(more) =
+                    reflect(channel.clone(), MessageRequest::FileByFilename(dep.clone())).await
+                else {
+                    panic!("no descriptor for {dep}");
+                };
+                pending.extend(more.file_descriptor_proto);
+            }
+        }
+        set.file.push(file);
+    }
+    set.file.reverse();
+    let pool = DescriptorPool::from_file_descriptor_set(set).unwrap();
+    let method = pool
+        .get_service_by_name("otherix.v1.ClusterService")
+        .unwrap()
+        .methods()
+        .find(|m| m.name() == "GetDefaultPool")
+        .unwrap();
+
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/otherix.v1.ClusterService/GetDefaultPool");
+    let req = tonic::Request::new(DynamicMessage::new(method.input()));
+    let resp = grpc.unary(req, path, DynamicCodec(method.clone())).await.unwrap().into_inner();
+    assert_eq!(resp.get_field_by_name("name").unwrap().as_str(), Some("default"));
+
+    // The older v1alpha service answers too, for clients that only know it.
+    let mut alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = alpha.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let first = resp.message().await.unwrap().unwrap();
+    assert!(format!("{first:?}").contains("otherix.v1.ClusterService"));
+}
