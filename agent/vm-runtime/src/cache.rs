@@ -1,0 +1,478 @@
+//! The per-pool image cache: images fetched from URLs, keyed by the URL's
+//! basename, verified (sha256 pin, declared format against the header),
+//! size-limited, with concurrent requests for one image coalesced into one
+//! download, and least-recently-used eviction beyond a byte budget.
+//!
+//! Layout inside a pool: `images/<basename>` (the image), `images/.meta/<basename>.pb`
+//! (its record, a `CachedImage`), `images/.partial/` (downloads in progress).
+//! Basenames never start with a dot, so they cannot collide with these.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use otherix_proto::otherix::agent::v1::{CachedImage, ImageDownload, ImageFormat};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::ImagesConfig;
+use crate::image::{self, ImageInfo};
+use crate::validate::ImageUrl;
+use crate::{AgentError, state};
+
+/// What a VM create asks of the cache.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    /// The validated URL and cache key.
+    pub url: ImageUrl,
+    /// Optional sha256 pin (lowercase hex).
+    pub sha256: Option<String>,
+    /// The declared format.
+    pub format: ImageFormat,
+}
+
+/// A cached image held for reading: it is not replaced or evicted while held.
+#[derive(Debug)]
+pub struct Lease {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format and virtual size.
+    pub info: ImageInfo,
+    _guard: OwnedRwLockReadGuard<()>,
+}
+
+type Outcome = Option<Result<(), AgentError>>;
+
+#[derive(Debug)]
+struct InFlight {
+    url: String,
+    progress: watch::Sender<(u64, u64)>,
+    done: watch::Sender<Outcome>,
+}
+
+/// The image caches of all pools.
+#[derive(Debug)]
+pub struct ImageCache {
+    cfg: ImagesConfig,
+    client: reqwest::Client,
+    locks: Locks,
+    inflight: Arc<Mutex<HashMap<PathBuf, Arc<InFlight>>>>,
+}
+
+type Locks = Arc<Mutex<HashMap<PathBuf, Arc<RwLock<()>>>>>;
+
+fn meta_path(images: &Path, name: &str) -> PathBuf {
+    images.join(".meta").join(format!("{name}.pb"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ImageCache {
+    /// A cache with the given settings.
+    pub fn new(cfg: ImagesConfig) -> Result<ImageCache, AgentError> {
+        // reqwest is built without a default TLS provider; ring is the one the
+        // workspace uses everywhere. An error means one is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let allowed = cfg.allowed_schemes.clone();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+            .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    attempt.error("more than 5 redirects")
+                } else if !allowed.iter().any(|s| s == attempt.url().scheme()) {
+                    attempt.error("redirect to a scheme that is not allowed")
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .map_err(|e| AgentError::Internal(format!("http client: {e}")))?;
+        Ok(ImageCache {
+            cfg,
+            client,
+            locks: Arc::default(),
+            inflight: Arc::default(),
+        })
+    }
+
+    fn entry_lock(&self, path: &Path) -> Arc<RwLock<()>> {
+        entry_lock(&self.locks, path)
+    }
+
+    /// Returns the image for `req` from the cache of the pool whose image dir
+    /// is `images`, downloading it first if needed. `progress(done, total)` is
+    /// called while a download runs (also one started by another request).
+    pub async fn acquire(
+        &self,
+        images: &Path,
+        req: &ImageRequest,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<Lease, AgentError> {
+        let path = images.join(&req.url.basename);
+        let mut fetched = false;
+        loop {
+            let guard = self.entry_lock(&path).read_owned().await;
+            if let Some(meta) = state::load::<CachedImage>(&meta_path(images, &req.url.basename))?
+                && self.entry_usable(&path, &meta, req, fetched)
+            {
+                let info = image::inspect_file(&path, req.format)?;
+                let mut meta = meta;
+                meta.last_used_at = Some(state::now());
+                state::save(&meta_path(images, &req.url.basename), &meta)?;
+                return Ok(Lease {
+                    path,
+                    info,
+                    _guard: guard,
+                });
+            }
+            drop(guard);
+            if fetched {
+                return Err(AgentError::Internal(
+                    "downloaded image vanished from the cache".into(),
+                ));
+            }
+            self.download_coalesced(images, req, progress).await?;
+            fetched = true;
+        }
+    }
+
+    fn entry_usable(
+        &self,
+        path: &Path,
+        meta: &CachedImage,
+        req: &ImageRequest,
+        fetched: bool,
+    ) -> bool {
+        let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == meta.size_bytes);
+        let pin_ok = req.sha256.as_ref().is_none_or(|p| *p == meta.sha256);
+        // Another URL with the same basename is another image, unless the pin
+        // vouches for the content; right after our own download it is ours.
+        let source_ok = fetched || meta.url == req.url.url.as_str() || req.sha256.is_some();
+        size_ok && pin_ok && source_ok
+    }
+
+    async fn download_coalesced(
+        &self,
+        images: &Path,
+        req: &ImageRequest,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(), AgentError> {
+        let path = images.join(&req.url.basename);
+        let (flight, leader) = {
+            let mut map = lock(&self.inflight);
+            match map.get(&path) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(InFlight {
+                        url: req.url.url.to_string(),
+                        progress: watch::channel((0, 0)).0,
+                        done: watch::channel(None).0,
+                    });
+                    map.insert(path.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        let mut done = flight.done.subscribe();
+        let mut prog = flight.progress.subscribe();
+        if leader {
+            let job = Download {
+                client: self.client.clone(),
+                max_bytes: self.cfg.max_image_bytes,
+                images: images.to_path_buf(),
+                req: req.clone(),
+                lock: self.entry_lock(&path),
+                flight: flight.clone(),
+            };
+            let budget = self.cfg.cache_max_bytes;
+            let span = info_span!("image.download", url = %req.url.url, name = %req.url.basename);
+            let locks = self.locks.clone();
+            let inflight = self.inflight.clone();
+            // A spawned task finishes the download even if the requester goes away.
+            tokio::spawn(
+                async move {
+                    let res = job.run().await;
+                    match &res {
+                        Ok(()) => info!("image cached"),
+                        Err(e) => warn!(error = %e, "image download failed"),
+                    }
+                    if res.is_ok() {
+                        evict(&job.images, &job.req.url.basename, budget, &locks);
+                    }
+                    lock(&inflight).remove(&job.images.join(&job.req.url.basename));
+                    flight.done.send_replace(Some(res));
+                }
+                .instrument(span),
+            );
+        }
+        loop {
+            if let Some(res) = done.borrow_and_update().clone() {
+                return res;
+            }
+            tokio::select! {
+                r = done.changed() => {
+                    if r.is_err() {
+                        return Err(AgentError::Internal("image download task vanished".into()));
+                    }
+                }
+                r = prog.changed() => {
+                    if r.is_ok() {
+                        let (d, t) = *prog.borrow_and_update();
+                        progress(d, t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cached images of a pool.
+    pub fn list(&self, images: &Path) -> Vec<CachedImage> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(images.join(".meta")) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            if let Ok(Some(m)) = state::load::<CachedImage>(&e.path())
+                && images.join(&m.name).is_file()
+            {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Downloads in progress into a pool.
+    pub fn downloads(&self, images: &Path) -> Vec<ImageDownload> {
+        let map = lock(&self.inflight);
+        let mut out: Vec<_> = map
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(images))
+            .map(|(p, f)| {
+                let (done, total) = *f.progress.borrow();
+                ImageDownload {
+                    name: p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                    url: f.url.clone(),
+                    bytes_done: done,
+                    bytes_total: total,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+fn entry_lock(locks: &Locks, path: &Path) -> Arc<RwLock<()>> {
+    lock(locks).entry(path.to_path_buf()).or_default().clone()
+}
+
+/// Evicts least recently used images of a pool until the cache fits `budget`,
+/// skipping `keep` (just added) and any image held by a lease.
+fn evict(images: &Path, keep: &str, budget: u64, locks: &Locks) {
+    let Ok(entries) = std::fs::read_dir(images.join(".meta")) else {
+        return;
+    };
+    let mut metas: Vec<CachedImage> = entries
+        .flatten()
+        .filter_map(|e| state::load::<CachedImage>(&e.path()).ok().flatten())
+        .collect();
+    let mut total: u64 = metas.iter().map(|m| m.size_bytes).sum();
+    metas.sort_by_key(|m| {
+        m.last_used_at
+            .map(|t| (t.seconds, t.nanos))
+            .unwrap_or((0, 0))
+    });
+    for m in metas {
+        if total <= budget {
+            break;
+        }
+        if m.name == keep {
+            continue;
+        }
+        let path = images.join(&m.name);
+        let lk = entry_lock(locks, &path);
+        let Ok(_w) = lk.try_write() else { continue };
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(meta_path(images, &m.name));
+        total = total.saturating_sub(m.size_bytes);
+        info!(image = %m.name, "evicted from the image cache");
+    }
+}
+
+/// One download into a pool's cache.
+struct Download {
+    client: reqwest::Client,
+    max_bytes: u64,
+    images: PathBuf,
+    req: ImageRequest,
+    lock: Arc<RwLock<()>>,
+    flight: Arc<InFlight>,
+}
+
+impl Download {
+    async fn run(&self) -> Result<(), AgentError> {
+        let partial_dir = self.images.join(".partial");
+        state::private_dir(&partial_dir)?;
+        state::private_dir(&self.images.join(".meta"))?;
+        let partial = partial_dir.join(format!(
+            "{}.{}",
+            self.req.url.basename,
+            uuid::Uuid::new_v4()
+        ));
+        let res = self.fetch_to(&partial).await;
+        let (sha, size) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
+            }
+        };
+        let checked = match &self.req.sha256 {
+            Some(pin) if *pin != sha => Err(AgentError::ChecksumMismatch {
+                expected: pin.clone(),
+                actual: sha.clone(),
+            }),
+            _ => image::inspect_file(&partial, self.req.format),
+        };
+        let info = match checked {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
+            }
+        };
+        let name = &self.req.url.basename;
+        let meta = CachedImage {
+            name: name.clone(),
+            url: self.req.url.url.to_string(),
+            sha256: sha,
+            size_bytes: size,
+            format: info.format as i32,
+            virtual_size_bytes: info.virtual_size,
+            last_used_at: Some(state::now()),
+        };
+        // Replace under the write lock: no lease reads the old file meanwhile.
+        let _w = self.lock.write().await;
+        let dest = self.images.join(name);
+        let res = std::fs::rename(&partial, &dest)
+            .map_err(|e| AgentError::io("move image into the cache", e))
+            .and_then(|_| state::save(&meta_path(&self.images, name), &meta));
+        if res.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        res
+    }
+
+    /// Streams the URL into `dest`, hashing as it goes; returns (sha256, size).
+    async fn fetch_to(&self, dest: &Path) -> Result<(String, u64), AgentError> {
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| AgentError::io("create partial image", e))?;
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        let too_big = || {
+            AgentError::DownloadFailed(format!(
+                "image larger than the limit of {} bytes",
+                self.max_bytes
+            ))
+        };
+        let url = &self.req.url.url;
+        if url.scheme() == "file" {
+            let src = url
+                .to_file_path()
+                .map_err(|_| AgentError::Validation("file url has no usable path".into()))?;
+            let mut f = tokio::fs::File::open(&src)
+                .await
+                .map_err(|e| AgentError::DownloadFailed(format!("open {}: {e}", src.display())))?;
+            let total = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            if total > self.max_bytes {
+                return Err(too_big());
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                use tokio::io::AsyncReadExt;
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| AgentError::DownloadFailed(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                done += n as u64;
+                if done > self.max_bytes {
+                    return Err(too_big());
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| AgentError::io("write partial image", e))?;
+                self.flight.progress.send_replace((done, total));
+            }
+        } else {
+            let mut resp =
+                self.client.get(url.clone()).send().await.map_err(|e| {
+                    AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e)))
+                })?;
+            if !resp.status().is_success() {
+                return Err(AgentError::DownloadFailed(format!(
+                    "{url}: HTTP {}",
+                    resp.status()
+                )));
+            }
+            let total = resp.content_length().unwrap_or(0);
+            if total > self.max_bytes {
+                return Err(too_big());
+            }
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?
+            {
+                done += chunk.len() as u64;
+                if done > self.max_bytes {
+                    return Err(too_big());
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| AgentError::io("write partial image", e))?;
+                self.flight.progress.send_replace((done, total));
+            }
+            if total != 0 && done != total {
+                return Err(AgentError::DownloadFailed(format!(
+                    "{url}: got {done} of {total} bytes"
+                )));
+            }
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| AgentError::io("sync partial image", e))?;
+        Ok((hex(&hasher.finalize()), done))
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
