@@ -1,0 +1,112 @@
+//! otherix-api as a process: its own etcd member never outlives it, and
+//! what it stored survives a kill -9.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use otherix_e2e::{alive, binary, eventually, free_port, http};
+use serde_json::{Value, json};
+
+struct Api {
+    child: Child,
+    base: String,
+}
+
+fn write_config(dir: &Path, port: u16, client: u16, peer: u16) -> std::path::PathBuf {
+    let path = dir.join("api.yaml");
+    let text = format!(
+        "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\nlogger:\n  level: info\n",
+        state = dir.join("state").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start(config: &Path, port: u16, log: &Path) -> Api {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(binary("otherix-api"))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = http();
+    let ready = eventually(Duration::from_secs(30), async || {
+        matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    assert!(ready, "otherix-api not ready");
+    Api { child, base }
+}
+
+fn etcd_pid(dir: &Path) -> u32 {
+    std::fs::read_to_string(dir.join("state/etcd.pid")).unwrap().trim().parse().unwrap()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+#[tokio::test]
+async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, client, peer) = (free_port(), free_port(), free_port());
+    let config = write_config(dir.path(), port, client, peer);
+    let log = dir.path().join("api.log");
+    let http = http();
+
+    let mut api = start(&config, port, &log).await;
+    let url = format!("{}/v1/cluster/default-pool", api.base);
+    let r = http.put(&url).json(&json!({"name": "survives-crash"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first_etcd = etcd_pid(dir.path());
+    assert!(alive(first_etcd));
+
+    api.child.kill().unwrap(); // SIGKILL
+    api.child.wait().unwrap();
+    let gone = eventually(Duration::from_secs(10), async || !alive(first_etcd)).await;
+    assert!(gone, "etcd member {first_etcd} outlived its kill -9ed control plane");
+
+    let mut api = start(&config, port, &log).await;
+    let body: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(body["name"], "survives-crash", "{body}");
+    let second_etcd = etcd_pid(dir.path());
+    assert_ne!(second_etcd, first_etcd);
+
+    // A clean stop takes the member down and removes its pidfile.
+    signal(api.child.id(), libc::SIGTERM);
+    let status = api.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!alive(second_etcd));
+    assert!(!dir.path().join("state/etcd.pid").exists());
+}
+
+#[tokio::test]
+async fn an_invalid_config_names_the_key_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "server:\n  listen: not-an-address\n").unwrap();
+    let out = Command::new(binary("otherix-api")).arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.listen"), "{err}");
+
+    let out = Command::new(binary("otherix-api"))
+        .arg("--config")
+        .arg(&path)
+        .env("OTHERIX_SERVER__LISTEN", "127.0.0.1:1")
+        .env("OTHERIX_ETCD__CLIENT_PORT", "many")
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.client_port"));
+}
