@@ -321,6 +321,24 @@ mod tests {
         assert_eq!(r.end(), 24);
     }
 
+    #[test]
+    fn log_rotation_keeps_one_old_generation() {
+        let dir = std::env::temp_dir().join(format!("otx-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        std::fs::write(&log, vec![b'x'; 100]).unwrap();
+        rotate_log_if_large(&log, 200);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 100);
+        std::fs::write(&log, vec![b'y'; 300]).unwrap();
+        rotate_log_if_large(&log, 200);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(dir.join("console.log.1")).unwrap(),
+            vec![b'y'; 300]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn one_session_many_readers() {
         let dir = std::env::temp_dir().join(format!("otx-con-{}", std::process::id()));

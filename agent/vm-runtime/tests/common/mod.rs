@@ -37,13 +37,24 @@ pub fn config(dir: &TestDir) -> RuntimeConfig {
 }
 
 pub async fn env(tag: &str, extra_routes: HashMap<String, Route>) -> Env {
+    env_with(tag, extra_routes, |_| {}).await
+}
+
+/// Like [`env`], with a chance to change the config first.
+pub async fn env_with(
+    tag: &str,
+    extra_routes: HashMap<String, Route>,
+    tweak: impl FnOnce(&mut RuntimeConfig),
+) -> Env {
     let image = otherix_agent_testkit::test_image();
     let dir = TestDir::new(tag);
     let mut routes = extra_routes;
     routes.insert("/images/test.qcow2".into(), Route::File(image.qcow2()));
     routes.insert("/images/test.raw".into(), Route::File(image.raw()));
     let http = HttpServer::start(routes).await;
-    let rt = Runtime::open(config(&dir)).await.expect("open runtime");
+    let mut cfg = config(&dir);
+    tweak(&mut cfg);
+    let rt = Runtime::open(cfg).await.expect("open runtime");
     Env {
         rt,
         http,
