@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, broadcast, oneshot, watch};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 /// Longest line accepted from QEMU; a reply to `query-*` is a few KiB.
 const MAX_LINE: usize = 8 * 1024 * 1024;
@@ -92,9 +92,7 @@ pub struct Qmp {
 
 impl std::fmt::Debug for Qmp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qmp")
-            .field("version", &self.inner.version)
-            .finish()
+        f.debug_struct("Qmp").field("version", &self.inner.version).finish()
     }
 }
 
@@ -102,11 +100,7 @@ impl Qmp {
     /// Connects to the QMP socket at `path`, retrying while the socket does not
     /// exist yet or refuses (QEMU still starting) until `connect_timeout`, then
     /// negotiates capabilities. `command_timeout` bounds every later command.
-    pub async fn connect(
-        path: &Path,
-        connect_timeout: Duration,
-        command_timeout: Duration,
-    ) -> Result<Qmp, QmpError> {
+    pub async fn connect(path: &Path, connect_timeout: Duration, command_timeout: Duration) -> Result<Qmp, QmpError> {
         let span = info_span!("qmp.connect", path = %path.display());
         async move {
             let stream = connect_retrying(path, connect_timeout).await?;
@@ -128,12 +122,7 @@ impl Qmp {
                 version,
                 timeout: command_timeout,
             });
-            tokio::spawn(reader_task(
-                reader,
-                Arc::downgrade(&inner),
-                inner.events.clone(),
-                closed_tx,
-            ));
+            tokio::spawn(reader_task(reader, Arc::downgrade(&inner), inner.events.clone(), closed_tx));
             let qmp = Qmp { inner };
             qmp.execute("qmp_capabilities", None).await?;
             Ok(qmp)
@@ -165,11 +154,7 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let span = info_span!("qmp.execute", command);
         async move {
             if self.is_closed() {
@@ -201,11 +186,9 @@ impl Qmp {
                 }
             };
             reply.map_err(|e| match e {
-                QmpError::Command { class, desc, .. } => QmpError::Command {
-                    command: command.to_string(),
-                    class,
-                    desc,
-                },
+                QmpError::Command { class, desc, .. } => {
+                    QmpError::Command { command: command.to_string(), class, desc }
+                }
                 other => other,
             })
         }
@@ -231,10 +214,8 @@ async fn connect_retrying(path: &Path, timeout: Duration) -> Result<UnixStream, 
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
             Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) && tokio::time::Instant::now() < deadline =>
+                if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+                    && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -261,9 +242,7 @@ async fn read_json_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<Option<
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        return serde_json::from_slice(&buf)
-            .map(Some)
-            .map_err(|e| QmpError::Protocol(format!("invalid json: {e}")));
+        return serde_json::from_slice(&buf).map(Some).map_err(|e| QmpError::Protocol(format!("invalid json: {e}")));
     }
 }
 
@@ -289,14 +268,8 @@ enum Message {
 fn classify(v: Value) -> Message {
     if let Some(name) = v.get("event").and_then(Value::as_str) {
         let ts = v.get("timestamp");
-        let secs = ts
-            .and_then(|t| t.get("seconds"))
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        let micros = ts
-            .and_then(|t| t.get("microseconds"))
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
+        let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_i64).unwrap_or(0);
+        let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_i64).unwrap_or(0);
         return Message::Event(Event {
             name: name.to_string(),
             data: v.get("data").cloned().unwrap_or(Value::Null),
@@ -313,11 +286,7 @@ fn classify(v: Value) -> Message {
         let s = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         return Message::Reply(
             id,
-            Err(QmpError::Command {
-                command: String::new(),
-                class: s("class"),
-                desc: s("desc"),
-            }),
+            Err(QmpError::Command { command: String::new(), class: s("class"), desc: s("desc") }),
         );
     }
     Message::Unrouted
@@ -334,7 +303,8 @@ async fn reader_task(
             Ok(Some(v)) => v,
             Ok(None) => break,
             Err(e) => {
-                warn!(error = %e, "qmp connection dropped");
+                // QEMU resets the socket when it exits: routine, not a warning.
+                debug!(error = %e, "qmp connection dropped");
                 break;
             }
         };
