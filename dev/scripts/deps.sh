@@ -11,7 +11,7 @@ SUDO=""
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 need=()
-for p in etcd-server protobuf-compiler libprotobuf-dev python3-venv ca-certificates curl jq \
+for p in etcd-server protobuf-compiler libprotobuf-dev python3-venv ca-certificates curl jq openssl \
          genisoimage dosfstools mtools fdisk cpio socat; do
   installed "$p" || need+=("$p")
 done

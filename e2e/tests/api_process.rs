@@ -35,9 +35,10 @@ async fn start(config: &Path, port: u16, log: &Path) -> Api {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let http = http();
-    let ready = eventually(Duration::from_secs(30), async || {
-        matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200)
-    })
+    let ready = eventually(
+        Duration::from_secs(30),
+        async || matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
+    )
     .await;
     assert!(ready, "otherix-api not ready");
     Api { child, base }

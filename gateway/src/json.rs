@@ -4,7 +4,8 @@
 use otherix_errors::ApiError;
 use prost::Message;
 use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, SerializeOptions, Value,
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, SerializeOptions,
+    Value,
 };
 use serde_json::{Map, Value as Json};
 
@@ -16,7 +17,11 @@ const DESERIALIZE: DeserializeOptions = DeserializeOptions::new().deny_unknown_f
 const STRING_WKTS: &[&str] = &["google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"];
 
 /// Fills `msg` (or its body field) from a JSON request body.
-pub(crate) fn merge_body(msg: &mut DynamicMessage, field: Option<&FieldDescriptor>, raw: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn merge_body(
+    msg: &mut DynamicMessage,
+    field: Option<&FieldDescriptor>,
+    raw: &[u8],
+) -> Result<(), ApiError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
@@ -57,14 +62,20 @@ pub(crate) fn merge_params(
         if reserved.iter().any(|r| path == r || path.starts_with(&format!("{r}."))) {
             return Err(ApiError::invalid_field(path, format!("{what} {path} is already bound by the path or body")));
         }
-        let (fields, leaf) = resolve(&desc, path).ok_or_else(|| ApiError::invalid_field(path, format!("unknown {what} {path:?}")))?;
+        let (fields, leaf) =
+            resolve(&desc, path).ok_or_else(|| ApiError::invalid_field(path, format!("unknown {what} {path:?}")))?;
         if leaf.is_map() {
             return Err(ApiError::invalid_field(path, format!("{what} {path} is a map and cannot be bound")));
         }
-        let value = scalar_json(&leaf, raw).map_err(|reason| ApiError::invalid_field(path, format!("{what} {path}: {reason}")))?;
+        let value = scalar_json(&leaf, raw)
+            .map_err(|reason| ApiError::invalid_field(path, format!("{what} {path}: {reason}")))?;
         let mut obj = &mut overlay;
         for f in &fields {
-            obj = obj.entry(f.name().to_owned()).or_insert_with(|| Json::Object(Map::new())).as_object_mut().ok_or_else(ApiError::internal)?;
+            obj = obj
+                .entry(f.name().to_owned())
+                .or_insert_with(|| Json::Object(Map::new()))
+                .as_object_mut()
+                .ok_or_else(ApiError::internal)?;
         }
         if leaf.is_list() {
             let slot = obj.entry(leaf.name().to_owned()).or_insert_with(|| Json::Array(Vec::new()));

@@ -144,16 +144,25 @@ pub fn routes_from_pool(pool: &DescriptorPool, package_prefix: &str) -> Result<V
     Ok(routes)
 }
 
-fn add_rule(routes: &mut Vec<Route>, method: &MethodDescriptor, rule: &DynamicMessage, top: bool) -> Result<(), GatewayError> {
+fn add_rule(
+    routes: &mut Vec<Route>,
+    method: &MethodDescriptor,
+    rule: &DynamicMessage,
+    top: bool,
+) -> Result<(), GatewayError> {
     let rule_err = |reason: String| GatewayError::Rule { method: method.full_name().to_owned(), reason };
     let str_field = |name: &str| match rule.get_field_by_name(name).as_deref() {
         Some(Value::String(s)) => s.clone(),
         _ => String::new(),
     };
     let mut binding = None;
-    for (name, verb) in
-        [("get", Method::GET), ("put", Method::PUT), ("post", Method::POST), ("delete", Method::DELETE), ("patch", Method::PATCH)]
-    {
+    for (name, verb) in [
+        ("get", Method::GET),
+        ("put", Method::PUT),
+        ("post", Method::POST),
+        ("delete", Method::DELETE),
+        ("patch", Method::PATCH),
+    ] {
         if rule.has_field_by_name(name) {
             binding = Some((verb, str_field(name)));
         }
@@ -173,10 +182,12 @@ fn add_rule(routes: &mut Vec<Route>, method: &MethodDescriptor, rule: &DynamicMe
         binding = Some((verb, path));
     }
     let (http_method, path) = binding.ok_or_else(|| rule_err("google.api.http has no pattern".into()))?;
-    let template = PathTemplate::parse(&path).map_err(|source| GatewayError::Template { method: method.full_name().to_owned(), source })?;
+    let template = PathTemplate::parse(&path)
+        .map_err(|source| GatewayError::Template { method: method.full_name().to_owned(), source })?;
     let input = method.input();
     for f in template.fields() {
-        let field = resolve_path(&input, f).ok_or_else(|| rule_err(format!("path variable {f} is not a field of {}", input.full_name())))?;
+        let field = resolve_path(&input, f)
+            .ok_or_else(|| rule_err(format!("path variable {f} is not a field of {}", input.full_name())))?;
         if field.is_list() || field.is_map() {
             return Err(rule_err(format!("path variable {f} is repeated")));
         }
@@ -184,7 +195,9 @@ fn add_rule(routes: &mut Vec<Route>, method: &MethodDescriptor, rule: &DynamicMe
     let body = match str_field("body").as_str() {
         "" => BodyRule::None,
         "*" => BodyRule::Whole,
-        name => BodyRule::Field(input.get_field_by_name(name).ok_or_else(|| rule_err(format!("body field {name} not found")))?),
+        name => BodyRule::Field(
+            input.get_field_by_name(name).ok_or_else(|| rule_err(format!("body field {name} not found")))?,
+        ),
     };
     if matches!(http_method, Method::GET | Method::DELETE) && !matches!(body, BodyRule::None) {
         return Err(rule_err(format!("{http_method} bindings take no body")));
@@ -192,7 +205,10 @@ fn add_rule(routes: &mut Vec<Route>, method: &MethodDescriptor, rule: &DynamicMe
     let response_body = match str_field("response_body").as_str() {
         "" => None,
         name => Some(
-            method.output().get_field_by_name(name).ok_or_else(|| rule_err(format!("response_body field {name} not found")))?,
+            method
+                .output()
+                .get_field_by_name(name)
+                .ok_or_else(|| rule_err(format!("response_body field {name} not found")))?,
         ),
     };
     let grpc_path = format!("/{}/{}", method.parent_service().full_name(), method.name());
@@ -268,7 +284,10 @@ impl Gateway {
         let path = parts.uri.path().to_owned();
         let Some((route, bindings)) = self.find(&parts.method, &path) else {
             if self.path_known(&path) {
-                return Err(ApiError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {path}", parts.method)));
+                return Err(ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{} is not allowed on {path}", parts.method),
+                ));
             }
             return Err(not_found(&path));
         };
@@ -289,7 +308,10 @@ impl Gateway {
         match &route.body {
             BodyRule::None => {
                 if !raw.iter().all(u8::is_ascii_whitespace) {
-                    return Err(ApiError::invalid_field("body", format!("{} {} takes no request body", parts.method, route.template.as_str())));
+                    return Err(ApiError::invalid_field(
+                        "body",
+                        format!("{} {} takes no request body", parts.method, route.template.as_str()),
+                    ));
                 }
             }
             BodyRule::Whole => json::merge_body(&mut msg, None, &raw)?,
@@ -305,7 +327,10 @@ impl Gateway {
             .map(|q| form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
             .unwrap_or_default();
         if matches!(route.body, BodyRule::Whole) && !query.is_empty() {
-            return Err(ApiError::invalid_field(&query[0].0, format!("{} takes its fields in the body, not the query", route.template.as_str())));
+            return Err(ApiError::invalid_field(
+                &query[0].0,
+                format!("{} takes its fields in the body, not the query", route.template.as_str()),
+            ));
         }
         json::merge_params(&mut msg, &query, &bound, "query parameter")?;
         json::merge_params(&mut msg, &bindings, &[], "path parameter")?;

@@ -70,7 +70,9 @@ impl PathTemplate {
                     None => (inner, "*"),
                 };
                 if field.is_empty()
-                    || !field.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                    || !field
+                        .split('.')
+                        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
                 {
                     return Err(err("bad field path in variable"));
                 }
@@ -158,7 +160,12 @@ impl PathTemplate {
             } else {
                 let mut decoded = Vec::with_capacity(captured.len());
                 for c in captured {
-                    decoded.push(percent_decode_str(&c.replace("%2F", "%252F").replace("%2f", "%252f")).decode_utf8().ok()?.into_owned());
+                    decoded.push(
+                        percent_decode_str(&c.replace("%2F", "%252F").replace("%2f", "%252f"))
+                            .decode_utf8()
+                            .ok()?
+                            .into_owned(),
+                    );
                 }
                 decoded.join("/")
             };

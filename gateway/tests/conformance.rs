@@ -306,7 +306,8 @@ async fn http_rule_features() {
 async fn authorization_is_forwarded_as_metadata() {
     let gw = gateway();
     let req = Request::builder().uri("/v1/things/a").header("authorization", "Bearer abc").body(Body::empty()).unwrap();
-    let got: Json = serde_json::from_slice(&gw.handle(req).await.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let got: Json =
+        serde_json::from_slice(&gw.handle(req).await.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(got["auth"], "Bearer abc");
 }
 

@@ -18,7 +18,9 @@ pub struct AccessTable {
 impl AccessTable {
     /// Reads the rules; fails naming every RPC without exactly one rule set.
     pub fn from_pool(pool: &DescriptorPool) -> Result<AccessTable, String> {
-        let ext = pool.get_extension_by_name("otherix.v1.access").ok_or("the otherix.v1.access option is not in the descriptor set")?;
+        let ext = pool
+            .get_extension_by_name("otherix.v1.access")
+            .ok_or("the otherix.v1.access option is not in the descriptor set")?;
         let mut by_path = HashMap::new();
         let mut missing = Vec::new();
         for service in pool.services().filter(|s| s.package_name() == GOVERNED_PACKAGE_PREFIX) {
@@ -29,7 +31,8 @@ impl AccessTable {
                     _ => None,
                 };
                 let valid = rule.as_ref().is_some_and(|r| {
-                    let set = usize::from(!r.permission.is_empty()) + usize::from(r.public) + usize::from(r.authenticated);
+                    let set =
+                        usize::from(!r.permission.is_empty()) + usize::from(r.public) + usize::from(r.authenticated);
                     set == 1 && (r.permission.is_empty() || valid_permission(&r.permission))
                 });
                 match rule {
@@ -88,11 +91,8 @@ mod tests {
     fn every_rpc_in_the_contract_carries_an_access_rule() {
         let pool = DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).unwrap();
         let table = AccessTable::from_pool(&pool).unwrap();
-        let total: usize = pool
-            .services()
-            .filter(|s| s.package_name() == GOVERNED_PACKAGE_PREFIX)
-            .map(|s| s.methods().len())
-            .sum();
+        let total: usize =
+            pool.services().filter(|s| s.package_name() == GOVERNED_PACKAGE_PREFIX).map(|s| s.methods().len()).sum();
         assert_eq!(table.len(), total);
         assert_eq!(table.rule("/otherix.v1.ClusterService/SetDefaultPool").unwrap().permission, "cluster:manage");
     }

@@ -3,7 +3,9 @@
 use otherix_errors::{ApiError, ErrorCode};
 use otherix_proto::otherix::store::v1::ClusterSettings;
 use otherix_proto::v1::cluster_service_server::ClusterService;
-use otherix_proto::v1::{DefaultPool, GetDefaultPoolRequest, SetDefaultPoolRequest, UnsetDefaultPoolRequest, UnsetDefaultPoolResponse};
+use otherix_proto::v1::{
+    DefaultPool, GetDefaultPoolRequest, SetDefaultPoolRequest, UnsetDefaultPoolRequest, UnsetDefaultPoolResponse,
+};
 use otherix_store::{Store, StoreError};
 use tonic::{Request, Response, Status};
 
@@ -32,7 +34,9 @@ fn now() -> prost_types::Timestamp {
 
 fn view(s: &ClusterSettings) -> Result<DefaultPool, ApiError> {
     if s.default_pool_name.is_empty() {
-        return Err(ApiError::new(ErrorCode::NotFound, "no cluster default pool is set").with_detail("setting", "default_pool"));
+        return Err(
+            ApiError::new(ErrorCode::NotFound, "no cluster default pool is set").with_detail("setting", "default_pool")
+        );
     }
     Ok(DefaultPool { name: s.default_pool_name.clone(), updated_at: s.default_pool_updated_at })
 }
@@ -49,7 +53,11 @@ impl ClusterService for ClusterSettingsService {
     async fn set_default_pool(&self, req: Request<SetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
         let name = req.into_inner().name;
         if !is_label(&name) {
-            return Err(ApiError::invalid_field("name", format!("{name:?} is not a valid pool name (lowercase letters, digits and '-', at most 63)")).into());
+            return Err(ApiError::invalid_field(
+                "name",
+                format!("{name:?} is not a valid pool name (lowercase letters, digits and '-', at most 63)"),
+            )
+            .into());
         }
         let stored = self
             .store
@@ -71,7 +79,10 @@ impl ClusterService for ClusterSettingsService {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn unset_default_pool(&self, _req: Request<UnsetDefaultPoolRequest>) -> Result<Response<UnsetDefaultPoolResponse>, Status> {
+    async fn unset_default_pool(
+        &self,
+        _req: Request<UnsetDefaultPoolRequest>,
+    ) -> Result<Response<UnsetDefaultPoolResponse>, Status> {
         self.store
             .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
                 let mut next = cur.cloned().unwrap_or_default();

@@ -207,7 +207,8 @@ impl Config {
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let mut tree = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
                 let yaml: Value = if text.trim().is_empty() {
                     Value::Object(Map::new())
                 } else {
@@ -217,7 +218,12 @@ impl Config {
                 match yaml {
                     Value::Object(_) => yaml,
                     Value::Null => Value::Object(Map::new()),
-                    _ => return Err(ConfigError::Syntax { path: p.to_owned(), message: "the top level must be a mapping".into() }),
+                    _ => {
+                        return Err(ConfigError::Syntax {
+                            path: p.to_owned(),
+                            message: "the top level must be a mapping".into(),
+                        });
+                    }
                 }
             }
             None => Value::Object(Map::new()),
@@ -262,7 +268,9 @@ impl Config {
             if self.etcd.quota_backend_bytes < 64 * 1024 * 1024 {
                 return Err(key_err("etcd.quota_backend_bytes", "must be at least 64 MiB"));
             }
-            if self.etcd.heartbeat_interval_ms == 0 || self.etcd.election_timeout_ms < 5 * self.etcd.heartbeat_interval_ms {
+            if self.etcd.heartbeat_interval_ms == 0
+                || self.etcd.election_timeout_ms < 5 * self.etcd.heartbeat_interval_ms
+            {
                 return Err(key_err("etcd.election_timeout_ms", "must be at least five heartbeat intervals"));
             }
         }
@@ -274,14 +282,20 @@ impl Config {
         }
         let pool = &self.storage_pools.default_pool_name;
         if !pool.is_empty() && !crate::names::is_label(pool) {
-            return Err(key_err("storage_pools.default_pool_name", format!("{pool:?} is not a lowercase RFC 1123 label")));
+            return Err(key_err(
+                "storage_pools.default_pool_name",
+                format!("{pool:?} is not a lowercase RFC 1123 label"),
+            ));
         }
         Ok(())
     }
 
     /// The parsed listen address.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.listen.parse().map_err(|_| key_err("server.listen", format!("{:?} is not an address:port", self.server.listen)))
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| key_err("server.listen", format!("{:?} is not an address:port", self.server.listen)))
     }
 
     /// The embedded member's data dir.
@@ -295,7 +309,8 @@ fn tracing_subscriber_filter_ok(level: &str) -> Result<(), ()> {
     let ok = level.split(',').filter(|d| !d.is_empty()).all(|directive| {
         let lvl = directive.rsplit('=').next().unwrap_or("");
         matches!(lvl.to_ascii_lowercase().as_str(), "trace" | "debug" | "info" | "warn" | "error" | "off")
-            || (!directive.contains('=') && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            || (!directive.contains('=')
+                && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'))
     });
     if ok && !level.is_empty() { Ok(()) } else { Err(()) }
 }
@@ -383,7 +398,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_offending_key() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("server:\n  listne: x\n", &[], "server"),
             ("server:\n  listen: nowhere\n", &[], "server.listen"),
             ("etcd:\n  client_port: lots\n", &[], "etcd.client_port"),
@@ -392,7 +408,11 @@ mod tests {
             ("", &[("OTHERIX_ETCD__ENDPOINTS", "[ftp://x]")], "etcd.endpoints[0]"),
             ("", &[("OTHERIX_STORAGE_POOLS__DEFAULT_POOL_NAME", "Bad_Name")], "storage_pools.default_pool_name"),
             ("", &[("OTHERIX_SERVER__NOPE", "1")], "server"),
-            ("server:\n  tls:\n    cert_file: /nonexistent.crt\n    key_file: /nonexistent.key\n", &[], "server.tls.cert_file"),
+            (
+                "server:\n  tls:\n    cert_file: /nonexistent.crt\n    key_file: /nonexistent.key\n",
+                &[],
+                "server.tls.cert_file",
+            ),
         ];
         for (yaml, vars, key) in cases {
             let f = file(yaml);
@@ -414,7 +434,9 @@ mod tests {
 
     #[test]
     fn the_example_config_documents_every_key() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config/api.example.yaml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config/api.example.yaml"))
+                .unwrap();
         let example: Value = yaml_serde::from_str(&text).unwrap();
         let parsed: Config = serde_path_to_error::deserialize(example.clone()).unwrap();
         assert!(parsed.server.tls.is_some());

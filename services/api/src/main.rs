@@ -34,8 +34,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         LogFormat::Text => otherix_telemetry::LogFormat::Text,
         LogFormat::Json => otherix_telemetry::LogFormat::Json,
     };
-    let telemetry = otherix_telemetry::init(&otherix_telemetry::TelemetryConfig::from_env("otherix-api", &config.logger.level, format))
-        .context("cannot set up logging")?;
+    let telemetry = otherix_telemetry::init(&otherix_telemetry::TelemetryConfig::from_env(
+        "otherix-api",
+        &config.logger.level,
+        format,
+    ))
+    .context("cannot set up logging")?;
     // Every TLS user (server, etcd, OTLP) shares the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -43,7 +47,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;
-    telemetry.flush();
+    // Flushing waits on the exporter, which runs on this runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
     Ok(())
 }
 

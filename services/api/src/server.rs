@@ -25,7 +25,8 @@ use crate::{StartError, health, rpc};
 
 /// Builds the whole application router.
 pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router, StartError> {
-    let pool = DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
+    let pool =
+        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
     let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
     let max = config.server.max_request_bytes;
 
@@ -56,7 +57,10 @@ pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router,
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
-        GatewayConfig { max_body_bytes: max, request_timeout: Duration::from_secs(config.server.request_timeout_seconds) },
+        GatewayConfig {
+            max_body_bytes: max,
+            request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
+        },
     );
 
     let health_routes = axum::Router::new()

@@ -72,14 +72,14 @@ async fn bad_requests_are_refused_and_the_server_survives() {
     let url = h.url("/v1/cluster/default-pool");
 
     let big = format!("{{\"name\":\"{}\"}}", "a".repeat(2 * 1024 * 1024));
-    let (s, body) = json_of(
-        h.http.put(&url).header("content-type", "application/json").body(big).send().await.unwrap(),
-    )
-    .await;
+    let (s, body) =
+        json_of(h.http.put(&url).header("content-type", "application/json").body(big).send().await.unwrap()).await;
     assert_eq!(s, 413);
     assert_eq!(body["error"]["code"], "payload_too_large");
 
-    let (s, body) = json_of(h.http.put(&url).header("content-type", "application/json").body("{\"name\":").send().await.unwrap()).await;
+    let (s, body) =
+        json_of(h.http.put(&url).header("content-type", "application/json").body("{\"name\":").send().await.unwrap())
+            .await;
     assert_eq!(s, 400);
     assert_eq!(body["error"]["code"], "validation_failed");
 
@@ -128,7 +128,10 @@ async fn default_pool_over_grpc() {
     assert_eq!(api.code, ErrorCode::NotFound);
     assert_eq!(api.details["setting"], "default_pool");
 
-    let err = client.set_default_pool(SetDefaultPoolRequest { name: "-bad".into(), request_id: String::new() }).await.unwrap_err();
+    let err = client
+        .set_default_pool(SetDefaultPoolRequest { name: "-bad".into(), request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(ApiError::from_status(&err).code, ErrorCode::ValidationFailed);
 }

@@ -7,10 +7,10 @@ use common::Harness;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MethodDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 /// A codec for messages known only at run time.
 #[derive(Clone)]
@@ -61,7 +61,9 @@ async fn get_default_pool_via_reflection() {
     h.wait_seeded().await;
     let channel = h.grpc_channel().await;
 
-    let MessageResponse::ListServicesResponse(list) = reflect(channel.clone(), MessageRequest::ListServices(String::new())).await else {
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(channel.clone(), MessageRequest::ListServices(String::new())).await
+    else {
         panic!("not a service list");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.clone()).collect();
@@ -113,7 +115,9 @@ async fn get_default_pool_via_reflection() {
     let mut alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut resp = alpha.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let first = resp.message().await.unwrap().unwrap();

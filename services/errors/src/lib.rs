@@ -146,16 +146,8 @@ impl ApiError {
             let s = json_object_to_struct(&self.details);
             details.push(Any { type_url: STRUCT_TYPE.to_owned(), value: s.encode_to_vec() });
         }
-        let status = rpc::Status {
-            code: self.code.grpc_code() as i32,
-            message: self.message.clone(),
-            details,
-        };
-        tonic::Status::with_details(
-            self.code.grpc_code(),
-            self.message.clone(),
-            status.encode_to_vec().into(),
-        )
+        let status = rpc::Status { code: self.code.grpc_code() as i32, message: self.message.clone(), details };
+        tonic::Status::with_details(self.code.grpc_code(), self.message.clone(), status.encode_to_vec().into())
     }
 
     /// Reads an error back from a gRPC status. Statuses that carry no Otherix
@@ -166,10 +158,10 @@ impl ApiError {
             for any in decoded.details {
                 match any.type_url.as_str() {
                     ERROR_INFO_TYPE => {
-                        if let Ok(info) = rpc::ErrorInfo::decode(any.value.as_slice()) {
-                            if let Some(code) = ErrorCode::from_name(&info.reason) {
-                                err.code = code;
-                            }
+                        if let Ok(info) = rpc::ErrorInfo::decode(any.value.as_slice())
+                            && let Some(code) = ErrorCode::from_name(&info.reason)
+                        {
+                            err.code = code;
                         }
                     }
                     STRUCT_TYPE => {
