@@ -17,6 +17,13 @@ pub mod otherix {
             tonic::include_proto!("otherix.store.v1");
         }
     }
+    /// The control plane <-> agent API.
+    pub mod agent {
+        /// Version 1 of the agent API.
+        pub mod v1 {
+            tonic::include_proto!("otherix.agent.v1");
+        }
+    }
 }
 
 /// Vendored Google API packages.
@@ -34,5 +41,4 @@ pub mod google {
 pub use otherix::v1;
 
 /// The encoded `FileDescriptorSet` of every proto in the contract, imports included.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/otherix_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/otherix_descriptor.bin"));
