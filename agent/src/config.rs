@@ -53,8 +53,7 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
@@ -86,21 +85,14 @@ mod tests {
 
     #[test]
     fn defaults_and_typos() {
-        let cfg =
-            AgentConfig::parse("server: {unix_socket: /s}\nruntime: {state_dir: /x}\n").unwrap();
+        let cfg = AgentConfig::parse("server: {unix_socket: /s}\nruntime: {state_dir: /x}\n").unwrap();
         assert_eq!(cfg.runtime.images.allowed_schemes, vec!["https"]);
         assert_eq!(cfg.runtime.qemu.accel, AccelSetting::Auto);
         assert!(
-            AgentConfig::parse(
-                "server: {unix_socket: /s}\nruntime: {state_dir: /x, qemu: {acel: kvm}}\n"
-            )
-            .is_err()
+            AgentConfig::parse("server: {unix_socket: /s}\nruntime: {state_dir: /x, qemu: {acel: kvm}}\n").is_err()
         );
         assert!(
-            AgentConfig::parse(
-                "server: {unix_socket: /s}\nruntime: {state_dir: /x, qemu: {accel: hvf}}\n"
-            )
-            .is_err()
+            AgentConfig::parse("server: {unix_socket: /s}\nruntime: {state_dir: /x, qemu: {accel: hvf}}\n").is_err()
         );
     }
 }

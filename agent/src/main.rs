@@ -13,11 +13,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "otherix-agent",
-    version,
-    about = "Runs VMs on this host for the Otherix control plane"
-)]
+#[command(name = "otherix-agent", version, about = "Runs VMs on this host for the Otherix control plane")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,9 +32,7 @@ enum Command {
 fn init_logging(cfg: &AgentConfig) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cfg.log.level.clone().unwrap_or_else(|| "info".into())));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -52,9 +46,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let cfg = AgentConfig::load(&config)?;
             init_logging(&cfg);
-            let rt = Runtime::open(cfg.runtime.clone())
-                .await
-                .context("open the VM runtime")?;
+            let rt = Runtime::open(cfg.runtime.clone()).await.context("open the VM runtime")?;
             info!(accelerator = ?rt.accelerator(), "agent runtime ready");
             let listener = server::bind_unix(&cfg.server.unix_socket)?;
             let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

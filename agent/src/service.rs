@@ -6,11 +6,10 @@ use std::time::Duration;
 use otherix_proto::google::rpc;
 use otherix_proto::otherix::agent::v1::vm_runtime_service_server::VmRuntimeService;
 use otherix_proto::otherix::agent::v1::{
-    ConsoleRequest, ConsoleResponse, CreateVmRequest, DeleteVmRequest, GetTaskRequest,
-    GetVmRequest, ListPoolsRequest, ListPoolsResponse, ListVmsRequest, ListVmsResponse,
-    PauseVmRequest, Pool, PoweroffVmRequest, ReadLogRequest, ReadLogResponse, RebootVmRequest,
-    ResetVmRequest, ResumeVmRequest, ScanPoolRequest, StartVmRequest, StopVmRequest, Task, Vm,
-    console_request,
+    ConsoleRequest, ConsoleResponse, CreateVmRequest, DeleteVmRequest, GetTaskRequest, GetVmRequest, ListPoolsRequest,
+    ListPoolsResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, Pool, PoweroffVmRequest, ReadLogRequest,
+    ReadLogResponse, RebootVmRequest, ResetVmRequest, ResumeVmRequest, ScanPoolRequest, StartVmRequest, StopVmRequest,
+    Task, Vm, console_request,
 };
 use otherix_vm_runtime::{AgentError, Runtime};
 use prost::Message;
@@ -27,18 +26,12 @@ const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
 /// Turns a runtime error into a gRPC status carrying the documented code as
 /// `google.rpc.ErrorInfo.reason` in the status details.
 pub fn status(e: &AgentError) -> Status {
-    let info = rpc::ErrorInfo {
-        reason: e.code().to_string(),
-        domain: ERROR_DOMAIN.into(),
-        metadata: Default::default(),
-    };
+    let info =
+        rpc::ErrorInfo { reason: e.code().to_string(), domain: ERROR_DOMAIN.into(), metadata: Default::default() };
     let details = rpc::Status {
         code: e.grpc_code() as i32,
         message: e.to_string(),
-        details: vec![prost_types::Any {
-            type_url: ERROR_INFO_TYPE.into(),
-            value: info.encode_to_vec(),
-        }],
+        details: vec![prost_types::Any { type_url: ERROR_INFO_TYPE.into(), value: info.encode_to_vec() }],
     };
     Status::with_details(e.grpc_code(), e.to_string(), details.encode_to_vec().into())
 }
@@ -85,13 +78,8 @@ impl VmRuntimeService for AgentService {
     }
 
     #[instrument(name = "rpc.ListVms", skip_all)]
-    async fn list_vms(
-        &self,
-        _req: Request<ListVmsRequest>,
-    ) -> Result<Response<ListVmsResponse>, Status> {
-        Ok(Response::new(ListVmsResponse {
-            vms: self.rt.list_vms().await,
-        }))
+    async fn list_vms(&self, _req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+        Ok(Response::new(ListVmsResponse { vms: self.rt.list_vms().await }))
     }
 
     #[instrument(name = "rpc.DeleteVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
@@ -109,10 +97,7 @@ impl VmRuntimeService for AgentService {
     #[instrument(name = "rpc.StopVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self
-            .rt
-            .stop_vm(&r.task_id, &r.vm_id, r.timeout_seconds)
-            .await)
+        ok(self.rt.stop_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
     }
 
     #[instrument(name = "rpc.PoweroffVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
@@ -124,10 +109,7 @@ impl VmRuntimeService for AgentService {
     #[instrument(name = "rpc.RebootVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn reboot_vm(&self, req: Request<RebootVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self
-            .rt
-            .reboot_vm(&r.task_id, &r.vm_id, r.timeout_seconds)
-            .await)
+        ok(self.rt.reboot_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
     }
 
     #[instrument(name = "rpc.PauseVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
@@ -149,13 +131,8 @@ impl VmRuntimeService for AgentService {
     }
 
     #[instrument(name = "rpc.ListPools", skip_all)]
-    async fn list_pools(
-        &self,
-        _req: Request<ListPoolsRequest>,
-    ) -> Result<Response<ListPoolsResponse>, Status> {
-        Ok(Response::new(ListPoolsResponse {
-            pools: self.rt.list_pools(),
-        }))
+    async fn list_pools(&self, _req: Request<ListPoolsRequest>) -> Result<Response<ListPoolsResponse>, Status> {
+        Ok(Response::new(ListPoolsResponse { pools: self.rt.list_pools() }))
     }
 
     #[instrument(name = "rpc.ScanPool", skip_all, fields(pool = %req.get_ref().name))]
@@ -166,19 +143,11 @@ impl VmRuntimeService for AgentService {
     type ConsoleStream = BoxStream<ConsoleResponse>;
 
     #[instrument(name = "rpc.Console", skip_all)]
-    async fn console(
-        &self,
-        req: Request<Streaming<ConsoleRequest>>,
-    ) -> Result<Response<Self::ConsoleStream>, Status> {
+    async fn console(&self, req: Request<Streaming<ConsoleRequest>>) -> Result<Response<Self::ConsoleStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty console stream"))?;
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty console stream"))?;
         let Some(console_request::Kind::Open(open)) = first.kind else {
-            return Err(status(&AgentError::Validation(
-                "the first console message must be open".into(),
-            )));
+            return Err(status(&AgentError::Validation("the first console message must be open".into())));
         };
         let mut session = self.rt.open_console(&open.vm_id).map_err(|e| status(&e))?;
         let (tx, rx) = mpsc::channel(64);
@@ -221,22 +190,13 @@ impl VmRuntimeService for AgentService {
     type ReadLogStream = BoxStream<ReadLogResponse>;
 
     #[instrument(name = "rpc.ReadLog", skip_all, fields(vm_id = %req.get_ref().vm_id, follow = req.get_ref().follow))]
-    async fn read_log(
-        &self,
-        req: Request<ReadLogRequest>,
-    ) -> Result<Response<Self::ReadLogStream>, Status> {
+    async fn read_log(&self, req: Request<ReadLogRequest>) -> Result<Response<Self::ReadLogStream>, Status> {
         let r = req.into_inner();
-        let mut reader = self
-            .rt
-            .read_log(&r.vm_id, r.tail_bytes, r.follow)
-            .map_err(|e| status(&e))?;
+        let mut reader = self.rt.read_log(&r.vm_id, r.tail_bytes, r.follow).map_err(|e| status(&e))?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             while let Some((data, dropped)) = reader.next().await {
-                let msg = ReadLogResponse {
-                    data: data.to_vec(),
-                    dropped_bytes: dropped,
-                };
+                let msg = ReadLogResponse { data: data.to_vec(), dropped_bytes: dropped };
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }
@@ -248,10 +208,7 @@ impl VmRuntimeService for AgentService {
     #[instrument(name = "rpc.GetTask", skip_all, fields(task_id = %req.get_ref().task_id))]
     async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self
-            .rt
-            .get_task(&r.task_id, Duration::from_millis(u64::from(r.wait_ms)))
-            .await)
+        ok(self.rt.get_task(&r.task_id, Duration::from_millis(u64::from(r.wait_ms))).await)
     }
 }
 

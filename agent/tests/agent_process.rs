@@ -13,9 +13,8 @@ use otherix_agent::service::error_code;
 use otherix_agent_testkit::{BOOT_MARKER, HttpServer, Route, TestDir, vm_slots, wait_for};
 use otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient;
 use otherix_proto::otherix::agent::v1::{
-    CloudInit, ConsoleOpen, ConsoleRequest, CreateVmRequest, DeleteVmRequest, GetTaskRequest,
-    ImageFormat, ImageSource, ListPoolsRequest, ListVmsRequest, ReadLogRequest, StopVmRequest,
-    Task, TaskState, VmPhase, VmSpec, console_request,
+    CloudInit, ConsoleOpen, ConsoleRequest, CreateVmRequest, DeleteVmRequest, GetTaskRequest, ImageFormat, ImageSource,
+    ListPoolsRequest, ListVmsRequest, ReadLogRequest, StopVmRequest, Task, TaskState, VmPhase, VmSpec, console_request,
 };
 use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
@@ -30,11 +29,7 @@ struct Agent {
 
 impl Agent {
     fn start(config: &Path, log: &Path) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_otherix-agent"))
             .args(["serve", "--config"])
             .arg(config)
@@ -79,14 +74,7 @@ async fn connect(socket: PathBuf) -> Client {
 
 async fn finish(c: &mut Client, t: Task) -> Task {
     for _ in 0..4 {
-        let t = c
-            .get_task(GetTaskRequest {
-                task_id: t.task_id.clone(),
-                wait_ms: 60_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let t = c.get_task(GetTaskRequest { task_id: t.task_id.clone(), wait_ms: 60_000 }).await.unwrap().into_inner();
         if t.state != TaskState::Running as i32 {
             return t;
         }
@@ -105,26 +93,15 @@ fn spec(name: &str, url: String, format: ImageFormat) -> VmSpec {
         memory_mib: 256,
         disk_gib: 0,
         pool: "default".into(),
-        image: Some(ImageSource {
-            url,
-            sha256: String::new(),
-            format: format as i32,
-        }),
+        image: Some(ImageSource { url, sha256: String::new(), format: format as i32 }),
         cloud_init: Some(CloudInit::default()),
     }
 }
 
 /// Reads the VM's log (following) until `needle` shows up.
 async fn log_until(c: &mut Client, vm_id: &str, needle: &str) -> String {
-    let mut stream = c
-        .read_log(ReadLogRequest {
-            vm_id: vm_id.into(),
-            tail_bytes: None,
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        c.read_log(ReadLogRequest { vm_id: vm_id.into(), tail_bytes: None, follow: true }).await.unwrap().into_inner();
     let mut seen = String::new();
     let found = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(Ok(m)) = stream.next().await {
@@ -143,43 +120,25 @@ async fn log_until(c: &mut Client, vm_id: &str, needle: &str) -> String {
 /// Logs in on the console and checks the guest computes an answer.
 async fn console_echo(c: &mut Client, vm_id: &str, token: &str) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(ConsoleRequest {
-        kind: Some(console_request::Kind::Open(ConsoleOpen {
-            vm_id: vm_id.into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let mut out = c
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+    tx.send(ConsoleRequest { kind: Some(console_request::Kind::Open(ConsoleOpen { vm_id: vm_id.into() })) })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let mut out = c.console(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     // A second session is refused while this one is open.
     let (tx2, rx2) = tokio::sync::mpsc::channel(1);
-    tx2.send(ConsoleRequest {
-        kind: Some(console_request::Kind::Open(ConsoleOpen {
-            vm_id: vm_id.into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let second = c
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx2))
-        .await;
+    tx2.send(ConsoleRequest { kind: Some(console_request::Kind::Open(ConsoleOpen { vm_id: vm_id.into() })) })
+        .await
+        .unwrap();
+    let second = c.console(tokio_stream::wrappers::ReceiverStream::new(rx2)).await;
     let err = second.expect_err("second console session accepted");
     assert_eq!(error_code(&err).as_deref(), Some("console_in_use"));
-    let input = |s: &str| ConsoleRequest {
-        kind: Some(console_request::Kind::Input(s.as_bytes().to_vec())),
-    };
+    let input = |s: &str| ConsoleRequest { kind: Some(console_request::Kind::Input(s.as_bytes().to_vec())) };
     // Press enter for a fresh prompt, log in, and ask for arithmetic the echo cannot fake.
     tx.send(input("\n")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.send(input("root\n")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    tx.send(input(&format!("echo {token}-$((6*7))-done\n")))
-        .await
-        .unwrap();
+    tx.send(input(&format!("echo {token}-$((6*7))-done\n"))).await.unwrap();
     let want = format!("{token}-42-done");
     let mut seen = String::new();
     let found = tokio::time::timeout(Duration::from_secs(60), async {
@@ -193,6 +152,14 @@ async fn console_echo(c: &mut Client, vm_id: &str, token: &str) {
     })
     .await;
     assert_eq!(found, Ok(true), "no {want:?} from the guest: {seen:?}");
+}
+
+/// The session id of a process (field 6 of /proc/<pid>/stat).
+fn session_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces; fields after its ')' are plain.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(3).unwrap().parse().unwrap()
 }
 
 fn pid_alive_as_vm(pid: i32, vm_id: &str) -> bool {
@@ -223,20 +190,13 @@ async fn vms_survive_agent_kill_and_are_readopted() {
 
     let mut agent = Agent::start(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
-    let (a, b) = (
-        uuid::Uuid::new_v4().to_string(),
-        uuid::Uuid::new_v4().to_string(),
-    );
+    let (a, b) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
     let ta = c
         .create_vm(CreateVmRequest {
             task_id: "k-a".into(),
             vm_id: a.clone(),
             generation: 1,
-            spec: Some(spec(
-                "vm-a",
-                http.url("/img/test.qcow2"),
-                ImageFormat::Qcow2,
-            )),
+            spec: Some(spec("vm-a", http.url("/img/test.qcow2"), ImageFormat::Qcow2)),
         })
         .await
         .unwrap()
@@ -265,59 +225,41 @@ async fn vms_survive_agent_kill_and_are_readopted() {
             task_id: "k-a".into(),
             vm_id: a.clone(),
             generation: 1,
-            spec: Some(spec(
-                "vm-a",
-                http.url("/img/test.qcow2"),
-                ImageFormat::Qcow2,
-            )),
+            spec: Some(spec("vm-a", http.url("/img/test.qcow2"), ImageFormat::Qcow2)),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.state, TaskState::Succeeded as i32);
 
-    let vms = c
-        .list_vms(ListVmsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = c.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
     let pids: HashMap<String, i32> = vms.iter().map(|v| (v.id.clone(), v.pid)).collect();
     assert_eq!(pids.len(), 2);
-    assert!(
-        vms.iter()
-            .all(|v| v.phase == VmPhase::Running as i32 && v.qmp_status == "running")
-    );
-    let pools = c
-        .list_pools(ListPoolsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .pools;
+    assert!(vms.iter().all(|v| v.phase == VmPhase::Running as i32 && v.qmp_status == "running"));
+    let pools = c.list_pools(ListPoolsRequest {}).await.unwrap().into_inner().pools;
     let mut cached: Vec<_> = pools[0].images.iter().map(|i| i.name.as_str()).collect();
     cached.sort();
     assert_eq!(cached, ["test.qcow2", "test.raw"]);
+
+    // Each QEMU leads its own session, apart from the agent's.
+    let agent_session = session_of(agent.child.id() as i32);
+    for pid in pids.values() {
+        assert_eq!(session_of(*pid), *pid, "qemu {pid} is not a session leader");
+        assert_ne!(session_of(*pid), agent_session);
+    }
 
     // kill -9 the agent: both VMs keep running.
     agent.kill9();
     drop(c);
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (id, pid) in &pids {
-        assert!(
-            pid_alive_as_vm(*pid, id),
-            "vm {id} (pid {pid}) died with the agent"
-        );
+        assert!(pid_alive_as_vm(*pid, id), "vm {id} (pid {pid}) died with the agent");
     }
 
     // A new agent re-adopts both: same pids, running, console and log work, stop works.
     let _agent2 = Agent::start(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
-    let vms = c
-        .list_vms(ListVmsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = c.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
     assert_eq!(vms.len(), 2);
     for v in &vms {
         assert_eq!(v.phase, VmPhase::Running as i32, "{v:?}");
@@ -329,80 +271,39 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     assert!(l.contains("local-hostname=vm-a"));
     console_echo(&mut c, &b, "after-restart").await;
     // Tasks from before the restart are still answered.
-    let t = c
-        .get_task(GetTaskRequest {
-            task_id: "k-b".into(),
-            wait_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = c.get_task(GetTaskRequest { task_id: "k-b".into(), wait_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(t.state, TaskState::Succeeded as i32);
 
     for (n, id) in [&a, &b].into_iter().enumerate() {
         let t = c
-            .stop_vm(StopVmRequest {
-                task_id: format!("s-{n}"),
-                vm_id: id.clone(),
-                timeout_seconds: 0,
-            })
+            .stop_vm(StopVmRequest { task_id: format!("s-{n}"), vm_id: id.clone(), timeout_seconds: 0 })
             .await
             .unwrap()
             .into_inner();
         assert_ok(&finish(&mut c, t).await);
         let pid = pids[id.as_str()];
         assert!(!pid_alive_as_vm(pid, id), "vm {id} still runs after stop");
-        let v = c
-            .get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            (v.phase, v.reason.as_str()),
-            (VmPhase::Stopped as i32, "stopped")
-        );
+        let v =
+            c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: id.clone() }).await.unwrap().into_inner();
+        assert_eq!((v.phase, v.reason.as_str()), (VmPhase::Stopped as i32, "stopped"));
     }
     let l = std::fs::read_to_string(dir.path.join(format!("state/vms/{a}/console.log"))).unwrap();
-    assert!(
-        l.contains("ACPI power button -> poweroff"),
-        "stop did not go through ACPI"
-    );
+    assert!(l.contains("ACPI power button -> poweroff"), "stop did not go through ACPI");
 
     // Delete both; deleting again reports the VM gone.
     for (n, id) in [&a, &b].into_iter().enumerate() {
-        let t = c
-            .delete_vm(DeleteVmRequest {
-                task_id: format!("d-{n}"),
-                vm_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let t =
+            c.delete_vm(DeleteVmRequest { task_id: format!("d-{n}"), vm_id: id.clone() }).await.unwrap().into_inner();
         assert_ok(&finish(&mut c, t).await);
-        let t = c
-            .delete_vm(DeleteVmRequest {
-                task_id: format!("d2-{n}"),
-                vm_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let t =
+            c.delete_vm(DeleteVmRequest { task_id: format!("d2-{n}"), vm_id: id.clone() }).await.unwrap().into_inner();
         let t = finish(&mut c, t).await;
         assert_eq!(t.error.map(|e| e.code).as_deref(), Some("vm_not_found"));
     }
-    let err = c
-        .get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() })
-        .await
-        .unwrap_err();
+    let err = c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(error_code(&err).as_deref(), Some("vm_not_found"));
-    let err = c
-        .get_task(GetTaskRequest {
-            task_id: "nope".into(),
-            wait_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = c.get_task(GetTaskRequest { task_id: "nope".into(), wait_ms: 0 }).await.unwrap_err();
     assert_eq!(error_code(&err).as_deref(), Some("not_found"));
     let log = std::fs::read_to_string(&agent_log).unwrap();
     assert!(log.contains("re-adopted running qemu"), "{log}");
