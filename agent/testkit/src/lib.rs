@@ -58,13 +58,8 @@ impl TestImage {
 /// `OTHERIX_TEST_IMAGE_DIR` points at a prebuilt image instead.
 pub fn test_image() -> TestImage {
     if let Ok(dir) = std::env::var("OTHERIX_TEST_IMAGE_DIR") {
-        let image = TestImage {
-            dir: PathBuf::from(dir),
-        };
-        assert!(
-            image.qcow2().is_file(),
-            "OTHERIX_TEST_IMAGE_DIR has no disk.qcow2"
-        );
+        let image = TestImage { dir: PathBuf::from(dir) };
+        assert!(image.qcow2().is_file(), "OTHERIX_TEST_IMAGE_DIR has no disk.qcow2");
         return image;
     }
     let root = workspace_root();
@@ -252,11 +247,7 @@ impl HttpServer {
                             Ok(n) => req.extend_from_slice(&buf[..n]),
                         }
                     }
-                    let line = String::from_utf8_lossy(&req)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
+                    let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_string();
                     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
                     *hits.lock().expect("hits").entry(path.clone()).or_insert(0) += 1;
                     let (status, body) = match routes.get(&path) {
@@ -275,10 +266,7 @@ impl HttpServer {
                 });
             }
         });
-        HttpServer {
-            base_url: format!("http://{addr}"),
-            hits,
-        }
+        HttpServer { base_url: format!("http://{addr}"), hits }
     }
 
     /// The URL of a path on this server.
@@ -288,12 +276,7 @@ impl HttpServer {
 
     /// How many requests a path has had.
     pub fn hits(&self, path: &str) -> usize {
-        self.hits
-            .lock()
-            .expect("hits")
-            .get(path)
-            .copied()
-            .unwrap_or(0)
+        self.hits.lock().expect("hits").get(path).copied().unwrap_or(0)
     }
 }
 
@@ -309,10 +292,7 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -93,12 +93,7 @@ impl ImageCache {
             }))
             .build()
             .map_err(|e| AgentError::Internal(format!("http client: {e}")))?;
-        Ok(ImageCache {
-            cfg,
-            client,
-            locks: Arc::default(),
-            inflight: Arc::default(),
-        })
+        Ok(ImageCache { cfg, client, locks: Arc::default(), inflight: Arc::default() })
     }
 
     fn entry_lock(&self, path: &Path) -> Arc<RwLock<()>> {
@@ -125,30 +120,18 @@ impl ImageCache {
                 let mut meta = meta;
                 meta.last_used_at = Some(state::now());
                 state::save(&meta_path(images, &req.url.basename), &meta)?;
-                return Ok(Lease {
-                    path,
-                    info,
-                    _guard: guard,
-                });
+                return Ok(Lease { path, info, _guard: guard });
             }
             drop(guard);
             if fetched {
-                return Err(AgentError::Internal(
-                    "downloaded image vanished from the cache".into(),
-                ));
+                return Err(AgentError::Internal("downloaded image vanished from the cache".into()));
             }
             self.download_coalesced(images, req, progress).await?;
             fetched = true;
         }
     }
 
-    fn entry_usable(
-        &self,
-        path: &Path,
-        meta: &CachedImage,
-        req: &ImageRequest,
-        fetched: bool,
-    ) -> bool {
+    fn entry_usable(&self, path: &Path, meta: &CachedImage, req: &ImageRequest, fetched: bool) -> bool {
         let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == meta.size_bytes);
         let pin_ok = req.sha256.as_ref().is_none_or(|p| *p == meta.sha256);
         // Another URL with the same basename is another image, unless the pin
@@ -257,10 +240,7 @@ impl ImageCache {
             .map(|(p, f)| {
                 let (done, total) = *f.progress.borrow();
                 ImageDownload {
-                    name: p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default(),
+                    name: p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
                     url: f.url.clone(),
                     bytes_done: done,
                     bytes_total: total,
@@ -282,16 +262,10 @@ fn evict(images: &Path, keep: &str, budget: u64, locks: &Locks) {
     let Ok(entries) = std::fs::read_dir(images.join(".meta")) else {
         return;
     };
-    let mut metas: Vec<CachedImage> = entries
-        .flatten()
-        .filter_map(|e| state::load::<CachedImage>(&e.path()).ok().flatten())
-        .collect();
+    let mut metas: Vec<CachedImage> =
+        entries.flatten().filter_map(|e| state::load::<CachedImage>(&e.path()).ok().flatten()).collect();
     let mut total: u64 = metas.iter().map(|m| m.size_bytes).sum();
-    metas.sort_by_key(|m| {
-        m.last_used_at
-            .map(|t| (t.seconds, t.nanos))
-            .unwrap_or((0, 0))
-    });
+    metas.sort_by_key(|m| m.last_used_at.map(|t| (t.seconds, t.nanos)).unwrap_or((0, 0)));
     for m in metas {
         if total <= budget {
             break;
@@ -324,11 +298,7 @@ impl Download {
         let partial_dir = self.images.join(".partial");
         state::private_dir(&partial_dir)?;
         state::private_dir(&self.images.join(".meta"))?;
-        let partial = partial_dir.join(format!(
-            "{}.{}",
-            self.req.url.basename,
-            uuid::Uuid::new_v4()
-        ));
+        let partial = partial_dir.join(format!("{}.{}", self.req.url.basename, uuid::Uuid::new_v4()));
         let res = self.fetch_to(&partial).await;
         let (sha, size) = match res {
             Ok(v) => v,
@@ -338,10 +308,9 @@ impl Download {
             }
         };
         let checked = match &self.req.sha256 {
-            Some(pin) if *pin != sha => Err(AgentError::ChecksumMismatch {
-                expected: pin.clone(),
-                actual: sha.clone(),
-            }),
+            Some(pin) if *pin != sha => {
+                Err(AgentError::ChecksumMismatch { expected: pin.clone(), actual: sha.clone() })
+            }
             _ => image::inspect_file(&partial, self.req.format),
         };
         let info = match checked {
@@ -375,22 +344,13 @@ impl Download {
 
     /// Streams the URL into `dest`, hashing as it goes; returns (sha256, size).
     async fn fetch_to(&self, dest: &Path) -> Result<(String, u64), AgentError> {
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| AgentError::io("create partial image", e))?;
+        let mut file = tokio::fs::File::create(dest).await.map_err(|e| AgentError::io("create partial image", e))?;
         let mut hasher = Sha256::new();
         let mut done = 0u64;
-        let too_big = || {
-            AgentError::DownloadFailed(format!(
-                "image larger than the limit of {} bytes",
-                self.max_bytes
-            ))
-        };
+        let too_big = || AgentError::DownloadFailed(format!("image larger than the limit of {} bytes", self.max_bytes));
         let url = &self.req.url.url;
         if url.scheme() == "file" {
-            let src = url
-                .to_file_path()
-                .map_err(|_| AgentError::Validation("file url has no usable path".into()))?;
+            let src = url.to_file_path().map_err(|_| AgentError::Validation("file url has no usable path".into()))?;
             let mut f = tokio::fs::File::open(&src)
                 .await
                 .map_err(|e| AgentError::DownloadFailed(format!("open {}: {e}", src.display())))?;
@@ -401,10 +361,7 @@ impl Download {
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 use tokio::io::AsyncReadExt;
-                let n = f
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| AgentError::DownloadFailed(e.to_string()))?;
+                let n = f.read(&mut buf).await.map_err(|e| AgentError::DownloadFailed(e.to_string()))?;
                 if n == 0 {
                     break;
                 }
@@ -413,50 +370,39 @@ impl Download {
                     return Err(too_big());
                 }
                 hasher.update(&buf[..n]);
-                file.write_all(&buf[..n])
-                    .await
-                    .map_err(|e| AgentError::io("write partial image", e))?;
+                file.write_all(&buf[..n]).await.map_err(|e| AgentError::io("write partial image", e))?;
                 self.flight.progress.send_replace((done, total));
             }
         } else {
-            let mut resp =
-                self.client.get(url.clone()).send().await.map_err(|e| {
-                    AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e)))
-                })?;
+            let mut resp = self
+                .client
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?;
             if !resp.status().is_success() {
-                return Err(AgentError::DownloadFailed(format!(
-                    "{url}: HTTP {}",
-                    resp.status()
-                )));
+                return Err(AgentError::DownloadFailed(format!("{url}: HTTP {}", resp.status())));
             }
             let total = resp.content_length().unwrap_or(0);
             if total > self.max_bytes {
                 return Err(too_big());
             }
-            while let Some(chunk) = resp
-                .chunk()
-                .await
-                .map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?
+            while let Some(chunk) =
+                resp.chunk().await.map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?
             {
                 done += chunk.len() as u64;
                 if done > self.max_bytes {
                     return Err(too_big());
                 }
                 hasher.update(&chunk);
-                file.write_all(&chunk)
-                    .await
-                    .map_err(|e| AgentError::io("write partial image", e))?;
+                file.write_all(&chunk).await.map_err(|e| AgentError::io("write partial image", e))?;
                 self.flight.progress.send_replace((done, total));
             }
             if total != 0 && done != total {
-                return Err(AgentError::DownloadFailed(format!(
-                    "{url}: got {done} of {total} bytes"
-                )));
+                return Err(AgentError::DownloadFailed(format!("{url}: got {done} of {total} bytes")));
             }
         }
-        file.sync_all()
-            .await
-            .map_err(|e| AgentError::io("sync partial image", e))?;
+        file.sync_all().await.map_err(|e| AgentError::io("sync partial image", e))?;
         Ok((hex(&hasher.finalize()), done))
     }
 }

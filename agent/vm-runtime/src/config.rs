@@ -110,10 +110,7 @@ pub struct ConsoleConfig {
 
 impl Default for ConsoleConfig {
     fn default() -> Self {
-        ConsoleConfig {
-            ring_buffer_bytes: 256 << 10,
-            log_max_bytes: 8 << 20,
-        }
+        ConsoleConfig { ring_buffer_bytes: 256 << 10, log_max_bytes: 8 << 20 }
     }
 }
 

@@ -33,21 +33,13 @@ pub struct Ring {
 impl Ring {
     /// An empty ring keeping at most `cap` bytes.
     pub fn new(cap: usize) -> Ring {
-        Ring {
-            buf: VecDeque::with_capacity(cap.min(1 << 20)),
-            cap,
-            end: 0,
-        }
+        Ring { buf: VecDeque::with_capacity(cap.min(1 << 20)), cap, end: 0 }
     }
 
     /// Appends bytes, dropping the oldest beyond the capacity.
     pub fn push(&mut self, data: &[u8]) {
         self.end += data.len() as u64;
-        let data = if data.len() > self.cap {
-            &data[data.len() - self.cap..]
-        } else {
-            data
-        };
+        let data = if data.len() > self.cap { &data[data.len() - self.cap..] } else { data };
         let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
         self.buf.drain(..overflow);
         self.buf.extend(data);
@@ -94,10 +86,7 @@ impl Console {
     pub fn new(vm: String, ring_bytes: usize) -> Arc<Console> {
         Arc::new(Console {
             vm,
-            state: Mutex::new(State {
-                ring: Ring::new(ring_bytes),
-                tx: None,
-            }),
+            state: Mutex::new(State { ring: Ring::new(ring_bytes), tx: None }),
             writer: tokio::sync::Mutex::new(None),
             interactive: AtomicBool::new(false),
         })
@@ -145,10 +134,7 @@ impl Console {
                     st.ring.push(&buf[..n]);
                     if let Some(tx) = &st.tx {
                         // No follower is fine.
-                        let _ = tx.send(Chunk {
-                            offset,
-                            data: Bytes::copy_from_slice(&buf[..n]),
-                        });
+                        let _ = tx.send(Chunk { offset, data: Bytes::copy_from_slice(&buf[..n]) });
                     }
                 }
                 since_check += n as u64;
@@ -171,16 +157,8 @@ impl Console {
     pub fn reader(&self, tail: Option<u64>, follow: bool) -> LogReader {
         let st = self.state();
         let history = st.ring.tail(tail);
-        let rx = if follow {
-            st.tx.as_ref().map(broadcast::Sender::subscribe)
-        } else {
-            None
-        };
-        LogReader {
-            history: Some(Bytes::from(history)),
-            rx,
-            next: st.ring.end(),
-        }
+        let rx = if follow { st.tx.as_ref().map(broadcast::Sender::subscribe) } else { None };
+        LogReader { history: Some(Bytes::from(history)), rx, next: st.ring.end() }
     }
 
     /// Opens the interactive session; a second one fails `console_in_use`.
@@ -195,10 +173,7 @@ impl Console {
         if self.interactive.swap(true, Ordering::AcqRel) {
             return Err(AgentError::ConsoleInUse(self.vm.clone()));
         }
-        Ok(Session {
-            console: self.clone(),
-            rx,
-        })
+        Ok(Session { console: self.clone(), rx })
     }
 }
 
@@ -276,9 +251,7 @@ impl Session {
         let Some(w) = w.as_mut() else {
             return Err(AgentError::VmNotRunning(self.console.vm.clone()));
         };
-        w.write_all(data)
-            .await
-            .map_err(|e| AgentError::io("write to serial console", e))
+        w.write_all(data).await.map_err(|e| AgentError::io("write to serial console", e))
     }
 
     /// The next output from the guest; `None` when QEMU's serial socket closed.
@@ -332,10 +305,7 @@ mod tests {
         std::fs::write(&log, vec![b'y'; 300]).unwrap();
         rotate_log_if_large(&log, 200);
         assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
-        assert_eq!(
-            std::fs::read(dir.join("console.log.1")).unwrap(),
-            vec![b'y'; 300]
-        );
+        assert_eq!(std::fs::read(dir.join("console.log.1")).unwrap(), vec![b'y'; 300]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -356,14 +326,8 @@ mod tests {
         let s1 = console.open_session().unwrap();
         assert_eq!(console.open_session().unwrap_err().code(), "console_in_use");
         qemu.write_all(b"boot").await.unwrap();
-        assert_eq!(
-            follower.next().await.unwrap().0,
-            Bytes::from_static(b"old ")
-        );
-        assert_eq!(
-            follower.next().await.unwrap().0,
-            Bytes::from_static(b"boot")
-        );
+        assert_eq!(follower.next().await.unwrap().0, Bytes::from_static(b"old "));
+        assert_eq!(follower.next().await.unwrap().0, Bytes::from_static(b"boot"));
         s1.write(b"typed").await.unwrap();
         let mut got = [0u8; 5];
         qemu.read_exact(&mut got).await.unwrap();
@@ -376,10 +340,7 @@ mod tests {
         assert_eq!(late.next().await.unwrap().0, Bytes::from_static(b"otmore"));
         assert!(late.next().await.is_none());
         drop(qemu);
-        assert_eq!(
-            follower.next().await.unwrap().0,
-            Bytes::from_static(b"more")
-        );
+        assert_eq!(follower.next().await.unwrap().0, Bytes::from_static(b"more"));
         assert!(follower.next().await.is_none());
         assert!(s2.recv().await.is_none());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -25,26 +25,17 @@ pub fn disk_size(disk_gib: u32, image_virtual_size: u64) -> Result<u64, AgentErr
     }
     let requested = u64::from(disk_gib) * GIB;
     if requested < image_virtual_size {
-        return Err(AgentError::DiskTooSmall {
-            requested,
-            image: image_virtual_size,
-        });
+        return Err(AgentError::DiskTooSmall { requested, image: image_virtual_size });
     }
     Ok(requested)
 }
 
 async fn run(cmd: &mut Command, what: &str) -> Result<(), AgentError> {
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| AgentError::CreateFailed(format!("{what}: cannot run: {e}")))?;
+    let out = cmd.output().await.map_err(|e| AgentError::CreateFailed(format!("{what}: cannot run: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(AgentError::CreateFailed(format!(
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+        Err(AgentError::CreateFailed(format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim())))
     }
 }
 
@@ -62,32 +53,18 @@ pub async fn make_disk(
     let res = async {
         run(
             Command::new(qemu_img)
-                .args([
-                    "convert",
-                    "-q",
-                    "-f",
-                    src_format,
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                ])
+                .args(["convert", "-q", "-f", src_format, "-O", "qcow2", "-o", "compat=1.1"])
                 .arg(src)
                 .arg(&partial),
             "qemu-img convert",
         )
         .await?;
         run(
-            Command::new(qemu_img)
-                .args(["resize", "-q", "-f", "qcow2"])
-                .arg(&partial)
-                .arg(size.to_string()),
+            Command::new(qemu_img).args(["resize", "-q", "-f", "qcow2"]).arg(&partial).arg(size.to_string()),
             "qemu-img resize",
         )
         .await?;
-        tokio::fs::rename(&partial, dest)
-            .await
-            .map_err(|e| AgentError::io("move disk into place", e))
+        tokio::fs::rename(&partial, dest).await.map_err(|e| AgentError::io("move disk into place", e))
     }
     .await;
     if res.is_err() {
@@ -113,27 +90,15 @@ pub async fn make_seed(
 ) -> Result<(), AgentError> {
     let dir = work.join("seed-files");
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| AgentError::io("create seed dir", e))?;
-    let user_data = if user_data.is_empty() {
-        "#cloud-config\n"
-    } else {
-        user_data
-    };
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| AgentError::io("create seed dir", e))?;
+    let user_data = if user_data.is_empty() { "#cloud-config\n" } else { user_data };
     let mut files: Vec<PathBuf> = Vec::new();
-    for (name, body) in [
-        ("meta-data", meta_data),
-        ("user-data", user_data),
-        ("network-config", network_config),
-    ] {
+    for (name, body) in [("meta-data", meta_data), ("user-data", user_data), ("network-config", network_config)] {
         if name == "network-config" && body.is_empty() {
             continue;
         }
         let p = dir.join(name);
-        tokio::fs::write(&p, body)
-            .await
-            .map_err(|e| AgentError::io("write seed file", e))?;
+        tokio::fs::write(&p, body).await.map_err(|e| AgentError::io("write seed file", e))?;
         files.push(p);
     }
     let partial = dest.with_extension("iso.partial");
@@ -147,9 +112,7 @@ pub async fn make_seed(
     )
     .await;
     let res = match res {
-        Ok(()) => tokio::fs::rename(&partial, dest)
-            .await
-            .map_err(|e| AgentError::io("move seed into place", e)),
+        Ok(()) => tokio::fs::rename(&partial, dest).await.map_err(|e| AgentError::io("move seed into place", e)),
         Err(e) => Err(e),
     };
     let _ = tokio::fs::remove_dir_all(&dir).await;

@@ -113,9 +113,7 @@ impl AgentError {
             AgentError::ConsoleInUse(_) | AgentError::VmNotRunning(_) => Code::FailedPrecondition,
             AgentError::StopTimeout(_) => Code::DeadlineExceeded,
             AgentError::Conflict(_) | AgentError::TaskLost => Code::Aborted,
-            AgentError::QemuSpawnFailed(_)
-            | AgentError::CreateFailed(_)
-            | AgentError::Internal(_) => Code::Internal,
+            AgentError::QemuSpawnFailed(_) | AgentError::CreateFailed(_) | AgentError::Internal(_) => Code::Internal,
         }
     }
 
@@ -131,26 +129,13 @@ mod tests {
 
     #[test]
     fn codes_are_the_documented_strings() {
+        assert_eq!(AgentError::Validation("x".into()).code(), "validation_failed");
         assert_eq!(
-            AgentError::Validation("x".into()).code(),
-            "validation_failed"
-        );
-        assert_eq!(
-            AgentError::ChecksumMismatch {
-                expected: "a".into(),
-                actual: "b".into()
-            }
-            .code(),
+            AgentError::ChecksumMismatch { expected: "a".into(), actual: "b".into() }.code(),
             "checksum_mismatch"
         );
         assert_eq!(AgentError::StopTimeout(3).code(), "stop_timeout");
-        assert_eq!(
-            AgentError::ConsoleInUse("v".into()).grpc_code(),
-            Code::FailedPrecondition
-        );
-        assert_eq!(
-            AgentError::VmNotFound("v".into()).grpc_code(),
-            Code::NotFound
-        );
+        assert_eq!(AgentError::ConsoleInUse("v".into()).grpc_code(), Code::FailedPrecondition);
+        assert_eq!(AgentError::VmNotFound("v".into()).grpc_code(), Code::NotFound);
     }
 }

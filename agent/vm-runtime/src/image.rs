@@ -37,15 +37,9 @@ pub struct ImageInfo {
 /// Reads the head of `path` and checks it against the declared format.
 pub fn inspect_file(path: &Path, declared: ImageFormat) -> Result<ImageInfo, AgentError> {
     let mut f = std::fs::File::open(path).map_err(|e| AgentError::io("open image", e))?;
-    let len = f
-        .metadata()
-        .map_err(|e| AgentError::io("stat image", e))?
-        .len();
+    let len = f.metadata().map_err(|e| AgentError::io("stat image", e))?.len();
     let mut head = Vec::with_capacity(HEAD_BYTES);
-    (&mut f)
-        .take(HEAD_BYTES as u64)
-        .read_to_end(&mut head)
-        .map_err(|e| AgentError::io("read image header", e))?;
+    (&mut f).take(HEAD_BYTES as u64).read_to_end(&mut head).map_err(|e| AgentError::io("read image header", e))?;
     check(declared, &head, len)
 }
 
@@ -82,9 +76,7 @@ fn foreign_format(head: &[u8]) -> Option<&'static str> {
 
 fn check_raw(head: &[u8], file_len: u64) -> Result<ImageInfo, AgentError> {
     if let Some(other) = foreign_format(head) {
-        return Err(AgentError::UnsupportedFormat(format!(
-            "declared raw, but the file is a {other} image"
-        )));
+        return Err(AgentError::UnsupportedFormat(format!("declared raw, but the file is a {other} image")));
     }
     if file_len == 0 || !file_len.is_multiple_of(512) {
         return Err(AgentError::UnsupportedFormat(format!(
@@ -92,19 +84,13 @@ fn check_raw(head: &[u8], file_len: u64) -> Result<ImageInfo, AgentError> {
         )));
     }
     if file_len > MAX_VIRTUAL_SIZE {
-        return Err(AgentError::UnsupportedFormat(
-            "raw image larger than 64 TiB".into(),
-        ));
+        return Err(AgentError::UnsupportedFormat("raw image larger than 64 TiB".into()));
     }
-    Ok(ImageInfo {
-        format: ImageFormat::Raw,
-        virtual_size: file_len,
-    })
+    Ok(ImageInfo { format: ImageFormat::Raw, virtual_size: file_len })
 }
 
 fn be32(h: &[u8], off: usize) -> Option<u32> {
-    h.get(off..off + 4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    h.get(off..off + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn be64(h: &[u8], off: usize) -> Option<u64> {
@@ -145,9 +131,7 @@ fn check_qcow2(h: &[u8], file_len: u64) -> Result<ImageInfo, AgentError> {
     let (ext_start, header_len) = if version == 3 {
         let incompat = be64(h, 72).ok_or_else(short)?;
         if incompat & INCOMPAT_DATA_FILE != 0 {
-            return bad(
-                "the image uses an external data file; only self-contained images are accepted",
-            );
+            return bad("the image uses an external data file; only self-contained images are accepted");
         }
         if incompat & INCOMPAT_CORRUPT != 0 {
             return bad("the image is marked corrupt");
@@ -178,22 +162,14 @@ fn check_qcow2(h: &[u8], file_len: u64) -> Result<ImageInfo, AgentError> {
         let len = be32(h, off + 4).ok_or_else(short)? as usize;
         match kind {
             EXT_DATA_FILE => {
-                return bad(
-                    "the image names an external data file; only self-contained images are accepted",
-                );
+                return bad("the image names an external data file; only self-contained images are accepted");
             }
             EXT_CRYPTO => return bad("encrypted qcow2 images are not accepted"),
             _ => {}
         }
-        off = off
-            .checked_add(8)
-            .and_then(|o| o.checked_add(len.div_ceil(8) * 8))
-            .ok_or_else(short)?;
+        off = off.checked_add(8).and_then(|o| o.checked_add(len.div_ceil(8) * 8)).ok_or_else(short)?;
     }
-    Ok(ImageInfo {
-        format: ImageFormat::Qcow2,
-        virtual_size: size,
-    })
+    Ok(ImageInfo { format: ImageFormat::Qcow2, virtual_size: size })
 }
 
 #[cfg(test)]
@@ -232,27 +208,18 @@ mod tests {
     fn refuses_backing_file() {
         let mut h = qcow2(3);
         h[8..16].copy_from_slice(&200u64.to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
     }
 
     #[test]
     fn refuses_external_data_file_bit_and_extension() {
         let mut h = qcow2(3);
         h[72..80].copy_from_slice(&INCOMPAT_DATA_FILE.to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
         let mut h = qcow2(3);
         h[104..108].copy_from_slice(&EXT_DATA_FILE.to_be_bytes());
         h[108..112].copy_from_slice(&9u32.to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
     }
 
     #[test]
@@ -266,54 +233,27 @@ mod tests {
 
     #[test]
     fn refuses_bad_versions_corrupt_encrypted_and_unknown_features() {
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &qcow2(4), 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &qcow2(4), 1 << 20)), "qcow2_header_invalid");
         let mut h = qcow2(3);
         h[72..80].copy_from_slice(&INCOMPAT_CORRUPT.to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
         let mut h = qcow2(3);
         h[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
         let mut h = qcow2(3);
         h[32..36].copy_from_slice(&1u32.to_be_bytes());
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &h, 1 << 20)),
-            "qcow2_header_invalid"
-        );
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, &qcow2(3)[..50], 50)),
-            "qcow2_header_invalid"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, &h, 1 << 20)), "qcow2_header_invalid");
+        assert_eq!(code(check(ImageFormat::Qcow2, &qcow2(3)[..50], 50)), "qcow2_header_invalid");
     }
 
     #[test]
     fn non_images() {
         let html = b"<html><body>not found</body></html>";
-        assert_eq!(
-            code(check(ImageFormat::Qcow2, html, html.len() as u64)),
-            "qcow2_header_invalid"
-        );
-        assert_eq!(
-            code(check(ImageFormat::Raw, html, html.len() as u64)),
-            "unsupported_format"
-        );
-        assert_eq!(
-            code(check(ImageFormat::Raw, &qcow2(3), 1 << 20)),
-            "unsupported_format"
-        );
+        assert_eq!(code(check(ImageFormat::Qcow2, html, html.len() as u64)), "qcow2_header_invalid");
+        assert_eq!(code(check(ImageFormat::Raw, html, html.len() as u64)), "unsupported_format");
+        assert_eq!(code(check(ImageFormat::Raw, &qcow2(3), 1 << 20)), "unsupported_format");
         assert_eq!(code(check(ImageFormat::Raw, &[], 0)), "unsupported_format");
         let raw = vec![0u8; 4096];
-        assert_eq!(
-            check(ImageFormat::Raw, &raw, 1 << 20).unwrap().virtual_size,
-            1 << 20
-        );
+        assert_eq!(check(ImageFormat::Raw, &raw, 1 << 20).unwrap().virtual_size, 1 << 20);
     }
 }

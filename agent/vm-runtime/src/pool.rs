@@ -12,14 +12,10 @@ use crate::{AgentError, state};
 /// Checks a declared pool: a DNS-label name and an absolute, normalised path.
 pub fn validate(name: &str, path: &Path) -> Result<(), AgentError> {
     if !is_dns_label(name) {
-        return Err(AgentError::Validation(format!(
-            "pool name {name:?} is not a lowercase RFC 1123 label"
-        )));
+        return Err(AgentError::Validation(format!("pool name {name:?} is not a lowercase RFC 1123 label")));
     }
-    let normal = path.is_absolute()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let normal =
+        path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !normal {
         return Err(AgentError::Validation(format!(
             "pool path {} must be absolute without . or .. components",
@@ -48,12 +44,8 @@ pub fn ensure(pool: &Path) -> Result<(), AgentError> {
 
 /// (capacity, free-to-unprivileged) bytes of the filesystem holding `path`.
 pub fn capacity(path: &Path) -> Result<(u64, u64), AgentError> {
-    let st = rustix::fs::statvfs(path)
-        .map_err(|e| AgentError::io(format!("statfs {}", path.display()), e.into()))?;
-    Ok((
-        st.f_blocks.saturating_mul(st.f_frsize),
-        st.f_bavail.saturating_mul(st.f_frsize),
-    ))
+    let st = rustix::fs::statvfs(path).map_err(|e| AgentError::io(format!("statfs {}", path.display()), e.into()))?;
+    Ok((st.f_blocks.saturating_mul(st.f_frsize), st.f_bavail.saturating_mul(st.f_frsize)))
 }
 
 /// Scans a pool: creates it if needed, then reads capacity, the cache and disks.

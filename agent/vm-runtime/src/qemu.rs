@@ -14,9 +14,8 @@ use crate::state::vm_files;
 /// Whether `/proc/cpuinfo` text shows hardware virtualisation (vmx or svm).
 pub fn cpu_flags_have_virt(cpuinfo: &str) -> bool {
     cpuinfo.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim() == "flags" && v.split_whitespace().any(|f| f == "vmx" || f == "svm")
-        })
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.trim() == "flags" && v.split_whitespace().any(|f| f == "vmx" || f == "svm"))
     })
 }
 
@@ -24,11 +23,7 @@ pub fn cpu_flags_have_virt(cpuinfo: &str) -> bool {
 /// shows vmx/svm. The flag check matters: nested "PVM" hosts expose a
 /// /dev/kvm that initialises but cannot run ordinary guests.
 pub fn kvm_usable() -> bool {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     dev && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| cpu_flags_have_virt(&c))
 }
 
@@ -68,10 +63,7 @@ pub fn meminfo_total_mib(meminfo: &str) -> Option<u64> {
 /// Reads the host's limits.
 pub fn host_limits() -> HostLimits {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let memory_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| meminfo_total_mib(&m))
-        .unwrap_or(0);
+    let memory_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| meminfo_total_mib(&m)).unwrap_or(0);
     HostLimits { cpus, memory_mib }
 }
 
@@ -98,9 +90,7 @@ pub struct Launch {
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (commas double).
 fn opt_value(p: &Path) -> Result<String, AgentError> {
-    let s = p
-        .to_str()
-        .ok_or_else(|| AgentError::Validation(format!("path {} is not UTF-8", p.display())))?;
+    let s = p.to_str().ok_or_else(|| AgentError::Validation(format!("path {} is not UTF-8", p.display())))?;
     Ok(s.replace(',', ",,"))
 }
 
@@ -161,13 +151,7 @@ pub fn command_line(l: &Launch, q: &QemuConfig) -> Result<Vec<OsString>, AgentEr
         ),
     ]);
     if let Some(seed) = &l.seed {
-        a.extend([
-            "-drive".into(),
-            format!(
-                "file={},if=virtio,format=raw,readonly=on,id=seed0",
-                opt_value(seed)?
-            ),
-        ]);
+        a.extend(["-drive".into(), format!("file={},if=virtio,format=raw,readonly=on,id=seed0", opt_value(seed)?)]);
     }
     a.extend(["-nic".into(), "none".into()]);
     Ok(a.into_iter().map(OsString::from).collect())
@@ -186,39 +170,23 @@ pub fn pid_runs_vm(pid: i32, uuid: &uuid::Uuid) -> bool {
 pub fn cmdline_has_uuid(raw: &[u8], uuid: &uuid::Uuid) -> bool {
     let want = uuid.to_string();
     let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
-    args.windows(2)
-        .any(|w| w[0] == b"-uuid" && w[1] == want.as_bytes())
+    args.windows(2).any(|w| w[0] == b"-uuid" && w[1] == want.as_bytes())
 }
 
 /// Spawns QEMU in its own session (setsid), stdin/stdout on /dev/null and
 /// stderr into `stderr_path`, so neither the agent's exit nor a signal to its
 /// process group or systemd unit (`KillMode=process`) reaches the VM.
-pub fn spawn(
-    binary: &Path,
-    args: &[OsString],
-    stderr_path: &Path,
-) -> Result<tokio::process::Child, AgentError> {
-    let stderr = std::fs::File::create(stderr_path)
-        .map_err(|e| AgentError::io("create qemu stderr file", e))?;
+pub fn spawn(binary: &Path, args: &[OsString], stderr_path: &Path) -> Result<tokio::process::Child, AgentError> {
+    let stderr = std::fs::File::create(stderr_path).map_err(|e| AgentError::io("create qemu stderr file", e))?;
     let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(stderr))
-        .kill_on_drop(false);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(stderr)).kill_on_drop(false);
     // SAFETY: the closure runs between fork and exec and only calls setsid(2),
     // which is async-signal-safe and touches no memory of the parent.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
-    cmd.spawn().map_err(|e| {
-        AgentError::QemuSpawnFailed(format!("cannot execute {}: {e}", binary.display()))
-    })
+    cmd.spawn().map_err(|e| AgentError::QemuSpawnFailed(format!("cannot execute {}: {e}", binary.display())))
 }
 
 #[cfg(test)]
@@ -239,12 +207,7 @@ mod tests {
     }
 
     fn joined(l: &Launch, q: &QemuConfig) -> String {
-        command_line(l, q)
-            .unwrap()
-            .iter()
-            .map(|a| a.to_string_lossy().to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
+        command_line(l, q).unwrap().iter().map(|a| a.to_string_lossy().to_string()).collect::<Vec<_>>().join(" ")
     }
 
     #[test]
@@ -273,10 +236,7 @@ mod tests {
     fn kvm_uses_host_cpu_and_no_seed_without_cloud_init() {
         let mut l = launch(false);
         l.accel = Accelerator::Kvm;
-        let q = QemuConfig {
-            tcg_tb_size_mib: Some(32),
-            ..QemuConfig::default()
-        };
+        let q = QemuConfig { tcg_tb_size_mib: Some(32), ..QemuConfig::default() };
         let s = joined(&l, &q);
         assert!(s.contains("-accel kvm -cpu host"));
         assert!(!s.contains("seed"));
@@ -287,22 +247,15 @@ mod tests {
 
     #[test]
     fn cpu_flags() {
-        assert!(cpu_flags_have_virt(
-            "processor\t: 0\nflags\t\t: fpu vme svm sse\n"
-        ));
+        assert!(cpu_flags_have_virt("processor\t: 0\nflags\t\t: fpu vme svm sse\n"));
         assert!(cpu_flags_have_virt("flags : fpu vmx\n"));
-        assert!(!cpu_flags_have_virt(
-            "flags\t\t: fpu vme sse svm_lock\nvmx flags\t: ept\n"
-        ));
+        assert!(!cpu_flags_have_virt("flags\t\t: fpu vme sse svm_lock\nvmx flags\t: ept\n"));
         assert!(!cpu_flags_have_virt(""));
     }
 
     #[test]
     fn meminfo() {
-        assert_eq!(
-            meminfo_total_mib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
-            Some(24000)
-        );
+        assert_eq!(meminfo_total_mib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24000));
         assert_eq!(meminfo_total_mib("MemFree: 1 kB\n"), None);
     }
 
@@ -311,10 +264,7 @@ mod tests {
         let u = uuid::Uuid::parse_str("6f1c1a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b").unwrap();
         let raw = b"qemu-system-x86_64\x00-name\x00x\x00-uuid\x006f1c1a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b\x00-S\x00";
         assert!(cmdline_has_uuid(raw, &u));
-        assert!(!cmdline_has_uuid(
-            b"sleep\x006f1c1a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b\x00",
-            &u
-        ));
+        assert!(!cmdline_has_uuid(b"sleep\x006f1c1a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b\x00", &u));
         assert!(!cmdline_has_uuid(b"", &u));
         assert!(!pid_runs_vm(std::process::id() as i32, &u));
     }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use otherix_proto::otherix::agent::v1::{
-    Accelerator, CreateVmRequest, ImageFormat, Pool, Task, TaskError, TaskKind, TaskProgress,
-    TaskState, Vm, VmPhase, VmSpec,
+    Accelerator, CreateVmRequest, ImageFormat, Pool, Task, TaskError, TaskKind, TaskProgress, TaskState, Vm, VmPhase,
+    VmSpec,
 };
 use otherix_qmp::{Event, Qmp};
 use rustix::process::{Pid, PidfdFlags, Signal};
@@ -79,10 +79,7 @@ impl Proc {
     /// Waits until the process has exited, up to `timeout`; true if it did.
     async fn wait_exit(&self, timeout: Duration) -> bool {
         let mut rx = self.exited.clone();
-        matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|e| *e)).await,
-            Ok(Ok(_)) | Ok(Err(_))
-        )
+        matches!(tokio::time::timeout(timeout, rx.wait_for(|e| *e)).await, Ok(Ok(_)) | Ok(Err(_)))
     }
 }
 
@@ -144,9 +141,7 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime")
-            .field("state_dir", &self.s.layout.root)
-            .finish()
+        f.debug_struct("Runtime").field("state_dir", &self.s.layout.root).finish()
     }
 }
 
@@ -157,26 +152,18 @@ impl Runtime {
         let span = info_span!("runtime.open", state_dir = %cfg.state_dir.display());
         async move {
             if !cfg.state_dir.is_absolute() {
-                return Err(AgentError::Validation(
-                    "state_dir must be an absolute path".into(),
-                ));
+                return Err(AgentError::Validation("state_dir must be an absolute path".into()));
             }
             // Unix socket paths must fit in 108 bytes: state_dir/vms/<uuid>/qmp-ops.sock.
             if cfg.state_dir.as_os_str().len() + 5 + 36 + 14 > 107 {
-                return Err(AgentError::Validation(
-                    "state_dir is too long for unix socket paths".into(),
-                ));
+                return Err(AgentError::Validation("state_dir is too long for unix socket paths".into()));
             }
             for s in &cfg.images.allowed_schemes {
                 if !matches!(s.as_str(), "https" | "http" | "file") {
-                    return Err(AgentError::Validation(format!(
-                        "images.allowed_schemes: unknown scheme {s:?}"
-                    )));
+                    return Err(AgentError::Validation(format!("images.allowed_schemes: unknown scheme {s:?}")));
                 }
             }
-            let layout = Layout {
-                root: cfg.state_dir.clone(),
-            };
+            let layout = Layout { root: cfg.state_dir.clone() };
             state::private_dir(&layout.vms())?;
             state::private_dir(&layout.tasks())?;
             state::sweep_temp_files(&layout.tasks());
@@ -230,10 +217,7 @@ impl Runtime {
     }
 
     fn pool_path(&self, name: &str) -> Result<PathBuf, AgentError> {
-        lock(&self.s.pools)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::PoolNotFound(name.to_string()))
+        lock(&self.s.pools).get(name).cloned().ok_or_else(|| AgentError::PoolNotFound(name.to_string()))
     }
 
     /// Every pool, scanned now.
@@ -241,15 +225,13 @@ impl Runtime {
         let pools: Vec<_> = lock(&self.s.pools).clone().into_iter().collect();
         pools
             .into_iter()
-            .filter_map(
-                |(name, path)| match pool::scan(&name, &path, &self.s.cache) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        warn!(pool = %name, error = %e, "pool scan failed");
-                        None
-                    }
-                },
-            )
+            .filter_map(|(name, path)| match pool::scan(&name, &path, &self.s.cache) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(pool = %name, error = %e, "pool scan failed");
+                    None
+                }
+            })
             .collect()
     }
 
@@ -265,8 +247,7 @@ impl Runtime {
     fn load_tasks(&self) -> Result<(), AgentError> {
         let retention = Duration::from_secs(self.s.cfg.task_retention_hours * 3600);
         let now = SystemTime::now();
-        let entries = std::fs::read_dir(self.s.layout.tasks())
-            .map_err(|e| AgentError::io("read tasks dir", e))?;
+        let entries = std::fs::read_dir(self.s.layout.tasks()).map_err(|e| AgentError::io("read tasks dir", e))?;
         let mut tasks = lock(&self.s.tasks);
         for e in entries.flatten() {
             let path = e.path();
@@ -279,11 +260,7 @@ impl Runtime {
             };
             let age = t
                 .updated_at
-                .map(|u| {
-                    now.duration_since(
-                        SystemTime::UNIX_EPOCH + Duration::from_secs(u.seconds.max(0) as u64),
-                    )
-                })
+                .map(|u| now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(u.seconds.max(0) as u64)))
                 .and_then(Result::ok)
                 .unwrap_or_default();
             if t.state != TaskState::Running as i32 && age > retention {
@@ -302,13 +279,7 @@ impl Runtime {
 
     /// Registers a task and runs `op` in the background; a task id seen before
     /// returns the existing record and runs nothing.
-    async fn submit<F, Fut>(
-        &self,
-        task_id: &str,
-        kind: TaskKind,
-        vm_id: &str,
-        op: F,
-    ) -> Result<Task, AgentError>
+    async fn submit<F, Fut>(&self, task_id: &str, kind: TaskKind, vm_id: &str, op: F) -> Result<Task, AgentError>
     where
         F: FnOnce(Runtime) -> Fut,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
@@ -330,10 +301,7 @@ impl Runtime {
                 kind: kind as i32,
                 vm_id: vm_id.to_string(),
                 state: TaskState::Running as i32,
-                progress: Some(TaskProgress {
-                    step: "accepted".into(),
-                    ..Default::default()
-                }),
+                progress: Some(TaskProgress { step: "accepted".into(), ..Default::default() }),
                 error: None,
                 created_at: Some(now),
                 updated_at: Some(now),
@@ -388,16 +356,11 @@ impl Runtime {
     }
 
     fn progress(&self, task_id: &str, step: &str, done: u64, total: u64) {
-        let new_step = lock(&self.s.tasks)
-            .get(task_id)
-            .is_some_and(|t| t.progress.as_ref().is_none_or(|p| p.step != step));
+        let new_step =
+            lock(&self.s.tasks).get(task_id).is_some_and(|t| t.progress.as_ref().is_none_or(|p| p.step != step));
         // Byte counts change often; only step changes are worth a disk write.
         self.change_task(task_id, new_step, |t| {
-            t.progress = Some(TaskProgress {
-                step: step.to_string(),
-                bytes_done: done,
-                bytes_total: total,
-            });
+            t.progress = Some(TaskProgress { step: step.to_string(), bytes_done: done, bytes_total: total });
         });
     }
 
@@ -413,10 +376,7 @@ impl Runtime {
             if t.state != TaskState::Running as i32 {
                 return Ok(t);
             }
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
                 return Ok(t);
             }
         }
@@ -425,10 +385,7 @@ impl Runtime {
     // ------------------------------------------------------------------ VMs
 
     fn vm(&self, id: &Uuid) -> Result<Arc<VmHandle>, AgentError> {
-        lock(&self.s.vms)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| AgentError::VmNotFound(id.to_string()))
+        lock(&self.s.vms).get(id).cloned().ok_or_else(|| AgentError::VmNotFound(id.to_string()))
     }
 
     /// One VM with its live QMP status.
@@ -480,9 +437,8 @@ impl Runtime {
         let Some(image) = &spec.image else {
             return v("image is required");
         };
-        let format = ImageFormat::try_from(image.format).map_err(|_| {
-            AgentError::Validation(format!("unknown image format {}", image.format))
-        })?;
+        let format = ImageFormat::try_from(image.format)
+            .map_err(|_| AgentError::Validation(format!("unknown image format {}", image.format)))?;
         let sha256 = validate::sha256_pin(&image.sha256)?;
         let url = validate::image_url(&image.url, &self.s.cfg.images.allowed_schemes)?;
         if let Some(ci) = &spec.cloud_init {
@@ -510,26 +466,11 @@ impl Runtime {
             )));
         }
         let pool = self.pool_path(&spec.pool)?;
-        Ok((
-            pool,
-            ImageRequest {
-                url,
-                sha256,
-                format,
-            },
-        ))
+        Ok((pool, ImageRequest { url, sha256, format }))
     }
 
-    async fn create(
-        &self,
-        task_id: &str,
-        id: Uuid,
-        req: CreateVmRequest,
-    ) -> Result<(), AgentError> {
-        let spec = req
-            .spec
-            .clone()
-            .ok_or_else(|| AgentError::Validation("spec is required".into()))?;
+    async fn create(&self, task_id: &str, id: Uuid, req: CreateVmRequest) -> Result<(), AgentError> {
+        let spec = req.spec.clone().ok_or_else(|| AgentError::Validation("spec is required".into()))?;
         let (pool_path, image_req) = self.check_spec(&spec)?;
         let dir = self.s.layout.vm_dir(&id);
         let vm = {
@@ -544,10 +485,7 @@ impl Runtime {
                 phase: VmPhase::Creating as i32,
                 observed_generation: req.generation,
                 accelerator: self.s.accel as i32,
-                disk_path: pool::disks_dir(&pool_path)
-                    .join(format!("{id}.qcow2"))
-                    .to_string_lossy()
-                    .to_string(),
+                disk_path: pool::disks_dir(&pool_path).join(format!("{id}.qcow2")).to_string_lossy().to_string(),
                 created_at: Some(now),
                 ..Default::default()
             };
@@ -575,28 +513,16 @@ impl Runtime {
             let lease = self
                 .s
                 .cache
-                .acquire(&pool::images_dir(&pool_path), &image_req, &move |d, t| {
-                    rt.progress(&tid, "image", d, t)
-                })
+                .acquire(&pool::images_dir(&pool_path), &image_req, &move |d, t| rt.progress(&tid, "image", d, t))
                 .await?;
             let size = disk::disk_size(spec.disk_gib, lease.info.virtual_size)?;
             self.progress(task_id, "disk", 0, 0);
             let disk_path = PathBuf::from(vm.record().disk_path);
-            let src_format = if lease.info.format == ImageFormat::Raw {
-                "raw"
-            } else {
-                "qcow2"
-            };
+            let src_format = if lease.info.format == ImageFormat::Raw { "raw" } else { "qcow2" };
             let span = info_span!("vm.disk", size);
-            disk::make_disk(
-                &self.s.cfg.qemu.img_binary,
-                &lease.path,
-                src_format,
-                &disk_path,
-                size,
-            )
-            .instrument(span)
-            .await?;
+            disk::make_disk(&self.s.cfg.qemu.img_binary, &lease.path, src_format, &disk_path, size)
+                .instrument(span)
+                .await?;
             drop(lease);
             vm.update(|r| r.disk_size_bytes = size);
             let ci = spec.cloud_init.clone().unwrap_or_default();
@@ -692,6 +618,11 @@ impl Runtime {
             .await;
             match started {
                 Ok(st) if st.status == "running" => {
+                    // Holding proc_ orders this update before the monitor's exit update.
+                    let proc_guard = lock(&vm.proc_);
+                    if proc_guard.is_none() {
+                        return Err(AgentError::QemuSpawnFailed("qemu exited right after starting".into()));
+                    }
                     vm.update(|r| {
                         r.pid = pid;
                         r.phase = VmPhase::Running as i32;
@@ -700,6 +631,7 @@ impl Runtime {
                         r.accelerator = self.s.accel as i32;
                         r.started_at = Some(state::now());
                     });
+                    drop(proc_guard);
                     info!(pid, "qemu running");
                     Ok(())
                 }
@@ -743,73 +675,49 @@ impl Runtime {
     /// DeleteVm.
     pub async fn delete_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
         let id = validate::vm_id(vm_id)?;
-        self.submit(
-            task_id,
-            TaskKind::DeleteVm,
-            &id.to_string(),
-            move |rt| async move {
-                let vm = rt.vm(&id)?;
-                let _op = vm.op.lock().await;
-                if !lock(&rt.s.vms).contains_key(&id) {
-                    return Err(AgentError::VmNotFound(id.to_string()));
-                }
-                vm.set_phase(VmPhase::Deleting, "", "");
-                rt.poweroff_proc(&vm).await;
-                remove_vm_files(&vm);
-                lock(&rt.s.vms).remove(&id);
-                Ok(())
-            },
-        )
+        self.submit(task_id, TaskKind::DeleteVm, &id.to_string(), move |rt| async move {
+            let vm = rt.vm(&id)?;
+            let _op = vm.op.lock().await;
+            if !lock(&rt.s.vms).contains_key(&id) {
+                return Err(AgentError::VmNotFound(id.to_string()));
+            }
+            vm.set_phase(VmPhase::Deleting, "", "");
+            rt.poweroff_proc(&vm).await;
+            remove_vm_files(&vm);
+            lock(&rt.s.vms).remove(&id);
+            Ok(())
+        })
         .await
     }
 
     /// StartVm.
     pub async fn start_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
         let id = validate::vm_id(vm_id)?;
-        self.submit(
-            task_id,
-            TaskKind::StartVm,
-            &id.to_string(),
-            move |rt| async move {
-                let vm = rt.vm(&id)?;
-                let _op = vm.op.lock().await;
-                if vm.proc_().is_some() {
-                    return Ok(());
-                }
-                rt.start_process(&vm).await
-            },
-        )
+        self.submit(task_id, TaskKind::StartVm, &id.to_string(), move |rt| async move {
+            let vm = rt.vm(&id)?;
+            let _op = vm.op.lock().await;
+            if vm.proc_().is_some() {
+                return Ok(());
+            }
+            rt.start_process(&vm).await
+        })
         .await
     }
 
     /// StopVm: ACPI power-down, waiting up to `timeout` (0 = the configured default).
-    pub async fn stop_vm(
-        &self,
-        task_id: &str,
-        vm_id: &str,
-        timeout_secs: u32,
-    ) -> Result<Task, AgentError> {
+    pub async fn stop_vm(&self, task_id: &str, vm_id: &str, timeout_secs: u32) -> Result<Task, AgentError> {
         let id = validate::vm_id(vm_id)?;
-        self.submit(
-            task_id,
-            TaskKind::StopVm,
-            &id.to_string(),
-            move |rt| async move {
-                let vm = rt.vm(&id)?;
-                let _op = vm.op.lock().await;
-                rt.graceful_stop(&vm, timeout_secs).await
-            },
-        )
+        self.submit(task_id, TaskKind::StopVm, &id.to_string(), move |rt| async move {
+            let vm = rt.vm(&id)?;
+            let _op = vm.op.lock().await;
+            rt.graceful_stop(&vm, timeout_secs).await
+        })
         .await
     }
 
     async fn graceful_stop(&self, vm: &Arc<VmHandle>, timeout_secs: u32) -> Result<(), AgentError> {
         let Some(p) = vm.proc_() else { return Ok(()) };
-        let timeout = if timeout_secs == 0 {
-            self.s.cfg.qemu.stop_timeout_secs
-        } else {
-            u64::from(timeout_secs)
-        };
+        let timeout = if timeout_secs == 0 { self.s.cfg.qemu.stop_timeout_secs } else { u64::from(timeout_secs) };
         let before = vm.record();
         *lock(&vm.intent) = Some(Intent::Stop);
         vm.set_phase(VmPhase::Stopping, "", "ACPI power-down sent");
@@ -825,11 +733,7 @@ impl Runtime {
             && !p.qmp.is_closed()
         {
             *lock(&vm.intent) = None;
-            vm.set_phase(
-                VmPhase::try_from(before.phase).unwrap_or(VmPhase::Running),
-                &before.reason,
-                &before.message,
-            );
+            vm.set_phase(VmPhase::try_from(before.phase).unwrap_or(VmPhase::Running), &before.reason, &before.message);
             return Err(AgentError::Internal(format!("system_powerdown: {e}")));
         }
         if p.wait_exit(Duration::from_secs(timeout)).await {
@@ -837,11 +741,7 @@ impl Runtime {
         }
         *lock(&vm.intent) = None;
         if vm.proc_().is_some() {
-            vm.set_phase(
-                VmPhase::Running,
-                "",
-                "the guest ignored the ACPI power-down",
-            );
+            vm.set_phase(VmPhase::Running, "", "the guest ignored the ACPI power-down");
         }
         Err(AgentError::StopTimeout(timeout))
     }
@@ -849,42 +749,27 @@ impl Runtime {
     /// PoweroffVm.
     pub async fn poweroff_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
         let id = validate::vm_id(vm_id)?;
-        self.submit(
-            task_id,
-            TaskKind::PoweroffVm,
-            &id.to_string(),
-            move |rt| async move {
-                let vm = rt.vm(&id)?;
-                let _op = vm.op.lock().await;
-                rt.poweroff_proc(&vm).await;
-                Ok(())
-            },
-        )
+        self.submit(task_id, TaskKind::PoweroffVm, &id.to_string(), move |rt| async move {
+            let vm = rt.vm(&id)?;
+            let _op = vm.op.lock().await;
+            rt.poweroff_proc(&vm).await;
+            Ok(())
+        })
         .await
     }
 
     /// RebootVm: graceful stop, then a new QEMU process.
-    pub async fn reboot_vm(
-        &self,
-        task_id: &str,
-        vm_id: &str,
-        timeout_secs: u32,
-    ) -> Result<Task, AgentError> {
+    pub async fn reboot_vm(&self, task_id: &str, vm_id: &str, timeout_secs: u32) -> Result<Task, AgentError> {
         let id = validate::vm_id(vm_id)?;
-        self.submit(
-            task_id,
-            TaskKind::RebootVm,
-            &id.to_string(),
-            move |rt| async move {
-                let vm = rt.vm(&id)?;
-                let _op = vm.op.lock().await;
-                if vm.proc_().is_none() {
-                    return Err(AgentError::VmNotRunning(id.to_string()));
-                }
-                rt.graceful_stop(&vm, timeout_secs).await?;
-                rt.start_process(&vm).await
-            },
-        )
+        self.submit(task_id, TaskKind::RebootVm, &id.to_string(), move |rt| async move {
+            let vm = rt.vm(&id)?;
+            let _op = vm.op.lock().await;
+            if vm.proc_().is_none() {
+                return Err(AgentError::VmNotRunning(id.to_string()));
+            }
+            rt.graceful_stop(&vm, timeout_secs).await?;
+            rt.start_process(&vm).await
+        })
         .await
     }
 
@@ -900,13 +785,8 @@ impl Runtime {
         self.submit(task_id, kind, &id.to_string(), move |rt| async move {
             let vm = rt.vm(&id)?;
             let _op = vm.op.lock().await;
-            let p = vm
-                .proc_()
-                .ok_or_else(|| AgentError::VmNotRunning(id.to_string()))?;
-            p.qmp
-                .execute(command, None)
-                .await
-                .map_err(|e| AgentError::Internal(format!("{command}: {e}")))?;
+            let p = vm.proc_().ok_or_else(|| AgentError::VmNotRunning(id.to_string()))?;
+            p.qmp.execute(command, None).await.map_err(|e| AgentError::Internal(format!("{command}: {e}")))?;
             if let Some((phase, why)) = after {
                 vm.set_phase(phase, why, "");
             }
@@ -917,32 +797,17 @@ impl Runtime {
 
     /// PauseVm (QMP stop).
     pub async fn pause_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
-        self.qmp_verb(
-            task_id,
-            vm_id,
-            TaskKind::PauseVm,
-            "stop",
-            Some((VmPhase::Paused, reason::PAUSED)),
-        )
-        .await
+        self.qmp_verb(task_id, vm_id, TaskKind::PauseVm, "stop", Some((VmPhase::Paused, reason::PAUSED))).await
     }
 
     /// ResumeVm (QMP cont).
     pub async fn resume_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
-        self.qmp_verb(
-            task_id,
-            vm_id,
-            TaskKind::ResumeVm,
-            "cont",
-            Some((VmPhase::Running, "")),
-        )
-        .await
+        self.qmp_verb(task_id, vm_id, TaskKind::ResumeVm, "cont", Some((VmPhase::Running, ""))).await
     }
 
     /// ResetVm (QMP system_reset).
     pub async fn reset_vm(&self, task_id: &str, vm_id: &str) -> Result<Task, AgentError> {
-        self.qmp_verb(task_id, vm_id, TaskKind::ResetVm, "system_reset", None)
-            .await
+        self.qmp_verb(task_id, vm_id, TaskKind::ResetVm, "system_reset", None).await
     }
 
     /// Opens the VM's interactive console session.
@@ -954,12 +819,7 @@ impl Runtime {
     }
 
     /// A reader of the VM's serial output.
-    pub fn read_log(
-        &self,
-        vm_id: &str,
-        tail: Option<u64>,
-        follow: bool,
-    ) -> Result<LogReader, AgentError> {
+    pub fn read_log(&self, vm_id: &str, tail: Option<u64>, follow: bool) -> Result<LogReader, AgentError> {
         let id = validate::vm_id(vm_id)?;
         let vm = self.vm(&id)?;
         Ok(vm.console.reader(tail, follow))
@@ -973,14 +833,10 @@ impl Runtime {
     // ---------------------------------------------------------- re-adoption
 
     async fn load_vms(&self) -> Result<(), AgentError> {
-        let entries = std::fs::read_dir(self.s.layout.vms())
-            .map_err(|e| AgentError::io("read vms dir", e))?;
+        let entries = std::fs::read_dir(self.s.layout.vms()).map_err(|e| AgentError::io("read vms dir", e))?;
         for e in entries.flatten() {
             let dir = e.path();
-            let Some(id) = dir
-                .file_name()
-                .and_then(|n| Uuid::parse_str(&n.to_string_lossy()).ok())
-            else {
+            let Some(id) = dir.file_name().and_then(|n| Uuid::parse_str(&n.to_string_lossy()).ok()) else {
                 continue;
             };
             state::sweep_temp_files(&dir);
@@ -1024,10 +880,7 @@ impl Runtime {
                         vm.set_phase(VmPhase::Failed, "adopt_failed", &e.to_string());
                     }
                 }
-            } else if matches!(
-                phase,
-                VmPhase::Running | VmPhase::Paused | VmPhase::Stopping
-            ) {
+            } else if matches!(phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopping) {
                 vm.update(|r| {
                     r.phase = VmPhase::Stopped as i32;
                     r.reason = reason::PROCESS_GONE.into();
@@ -1044,8 +897,8 @@ impl Runtime {
     /// QMP and the serial socket, and the serial log's tail as history.
     async fn adopt(&self, vm: &Arc<VmHandle>, pid: i32) -> Result<(), AgentError> {
         let p = Pid::from_raw(pid).ok_or_else(|| AgentError::Internal("pid 0".into()))?;
-        let pidfd = rustix::process::pidfd_open(p, PidfdFlags::empty())
-            .map_err(|e| AgentError::io("pidfd_open", e.into()))?;
+        let pidfd =
+            rustix::process::pidfd_open(p, PidfdFlags::empty()).map_err(|e| AgentError::io("pidfd_open", e.into()))?;
         // SAFETY: an OwnedFd is a valid open descriptor that stays open and
         // unchanged until the AsyncFd that owns it is dropped.
         #[allow(unsafe_code)]
@@ -1056,45 +909,24 @@ impl Runtime {
             .await
             .map_err(|e| AgentError::Internal(format!("qmp: {e}")))?;
         let log = vm.dir.join(vm_files::CONSOLE_LOG);
-        vm.console.seed_history(&read_tail(
-            &log,
-            self.s.cfg.console.ring_buffer_bytes as u64,
-        ));
+        vm.console.seed_history(&read_tail(&log, self.s.cfg.console.ring_buffer_bytes as u64));
         match connect_unix(&vm.dir.join(vm_files::SERIAL), timeout).await {
-            Ok(serial) => {
-                vm.console
-                    .attach(serial, log, self.s.cfg.console.log_max_bytes)
-                    .await
-            }
+            Ok(serial) => vm.console.attach(serial, log, self.s.cfg.console.log_max_bytes).await,
             Err(e) => {
                 warn!(vm = %vm.id, error = %e, "serial socket not reachable; console unavailable")
             }
         }
         let events = qmp.events();
-        let status = qmp
-            .query_status()
-            .await
-            .map_err(|e| AgentError::Internal(format!("qmp: {e}")))?;
+        let status = qmp.query_status().await.map_err(|e| AgentError::Internal(format!("qmp: {e}")))?;
         let (exited_tx, exited_rx) = watch::channel(false);
-        *lock(&vm.proc_) = Some(Proc {
-            pid,
-            qmp: qmp.clone(),
-            exited: exited_rx,
-        });
+        *lock(&vm.proc_) = Some(Proc { pid, qmp: qmp.clone(), exited: exited_rx });
         let (phase, why) = phase_of_status(&status.status);
         vm.update(|r| {
             r.pid = pid;
             r.phase = phase as i32;
             r.reason = why.to_string();
         });
-        tokio::spawn(monitor(
-            vm.clone(),
-            qmp,
-            events,
-            Exit::Pidfd(pidfd),
-            exited_tx,
-            pid,
-        ));
+        tokio::spawn(monitor(vm.clone(), qmp, events, Exit::Pidfd(pidfd), exited_tx, pid));
         Ok(())
     }
 }
@@ -1112,20 +944,14 @@ fn phase_of_status(status: &str) -> (VmPhase, &'static str) {
 
 fn fail_task(t: &mut Task, e: &AgentError) {
     t.state = TaskState::Failed as i32;
-    t.error = Some(TaskError {
-        code: e.code().to_string(),
-        message: e.to_string(),
-    });
+    t.error = Some(TaskError { code: e.code().to_string(), message: e.to_string() });
 }
 
 /// Removes a VM's disk and its dir (record, sockets, seed, logs).
 fn remove_vm_files(vm: &VmHandle) {
     let rec = vm.record();
     if !rec.disk_path.is_empty() {
-        for p in [
-            PathBuf::from(&rec.disk_path),
-            PathBuf::from(&rec.disk_path).with_extension("qcow2.partial"),
-        ] {
+        for p in [PathBuf::from(&rec.disk_path), PathBuf::from(&rec.disk_path).with_extension("qcow2.partial")] {
             if let Err(e) = std::fs::remove_file(&p)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -1152,12 +978,7 @@ async fn live_view(vm: &VmHandle) -> Vm {
 }
 
 fn read_pidfile(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|p| *p > 0)
 }
 
 fn read_tail(path: &Path, n: u64) -> Vec<u8> {
@@ -1287,22 +1108,12 @@ async fn on_event(
 ) {
     match ev.name.as_str() {
         "SHUTDOWN" => {
-            let guest = ev
-                .data
-                .get("guest")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            let why = ev
-                .data
-                .get("reason")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("")
-                .to_string();
+            let guest = ev.data.get("guest").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            let why = ev.data.get("reason").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
             *shutdown = Some((guest, why));
         }
         "STOP" => {
-            if let Ok(Ok(st)) =
-                tokio::time::timeout(Duration::from_secs(5), qmp.query_status()).await
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(5), qmp.query_status()).await
                 && st.status == "internal-error"
             {
                 error!("guest stopped with internal-error: accelerator failure");
@@ -1317,11 +1128,7 @@ async fn on_event(
             vm.set_phase(VmPhase::Running, "", "");
         }
         "RESET" => {
-            let guest = ev
-                .data
-                .get("guest")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
+            let guest = ev.data.get("guest").and_then(serde_json::Value::as_bool).unwrap_or(false);
             let paired = guest && last_host_reset.is_some_and(|t| t.elapsed() < RESET_PAIR_WINDOW);
             if guest {
                 *last_host_reset = None;
@@ -1345,9 +1152,6 @@ mod tests {
     fn statuses_map_to_phases() {
         assert_eq!(phase_of_status("running").0, VmPhase::Running);
         assert_eq!(phase_of_status("paused").0, VmPhase::Paused);
-        assert_eq!(
-            phase_of_status("internal-error"),
-            (VmPhase::Failed, reason::ACCELERATOR_FAILURE)
-        );
+        assert_eq!(phase_of_status("internal-error"), (VmPhase::Failed, reason::ACCELERATOR_FAILURE));
     }
 }

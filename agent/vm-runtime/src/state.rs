@@ -15,24 +15,11 @@ use crate::AgentError;
 /// Writes `bytes` to `path` atomically with mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
     static N: AtomicU64 = AtomicU64::new(0);
-    let dir = path
-        .parent()
-        .ok_or_else(|| AgentError::Internal(format!("{} has no parent", path.display())))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = path.parent().ok_or_else(|| AgentError::Internal(format!("{} has no parent", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -92,10 +79,7 @@ pub fn now() -> prost_types::Timestamp {
 /// A protobuf timestamp for a system time.
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 /// The state dir layout.
@@ -156,37 +140,16 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         private_dir(&dir).unwrap();
         let p = dir.join("rec.pb");
-        let t = prost_types::Timestamp {
-            seconds: 5,
-            nanos: 1,
-        };
+        let t = prost_types::Timestamp { seconds: 5, nanos: 1 };
         save(&p, &t).unwrap();
-        save(
-            &p,
-            &prost_types::Timestamp {
-                seconds: 6,
-                nanos: 0,
-            },
-        )
-        .unwrap();
+        save(&p, &prost_types::Timestamp { seconds: 6, nanos: 0 }).unwrap();
         let back: prost_types::Timestamp = load(&p).unwrap().unwrap();
         assert_eq!(back.seconds, 6);
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert!(
-            load::<prost_types::Timestamp>(&dir.join("none"))
-                .unwrap()
-                .is_none()
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(load::<prost_types::Timestamp>(&dir.join("none")).unwrap().is_none());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,8 +7,7 @@ pub fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -19,13 +18,8 @@ pub fn task_id(s: &str) -> Result<(), AgentError> {
     let ok = !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('.')
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AgentError::Validation(format!("invalid task_id {s:?}")))
-    }
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'));
+    if ok { Ok(()) } else { Err(AgentError::Validation(format!("invalid task_id {s:?}"))) }
 }
 
 /// Parses a VM id (a UUID) into its canonical lowercase hyphenated form.
@@ -44,9 +38,7 @@ pub fn sha256_pin(s: &str) -> Result<Option<String>, AgentError> {
     if s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit()) {
         Ok(Some(s.to_ascii_lowercase()))
     } else {
-        Err(AgentError::Validation(
-            "image sha256 must be 64 hex digits".into(),
-        ))
+        Err(AgentError::Validation("image sha256 must be 64 hex digits".into()))
     }
 }
 
@@ -55,8 +47,7 @@ pub fn cache_basename(s: &str) -> Result<(), AgentError> {
     let ok = !s.is_empty()
         && s.len() <= 200
         && !s.starts_with('.')
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'+' | b'~'));
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'+' | b'~'));
     if ok {
         Ok(())
     } else {
@@ -79,8 +70,7 @@ pub struct ImageUrl {
 /// cache key from its last path segment (percent-decoded, then checked, so
 /// `%2e%2e%2f` cannot escape the cache dir).
 pub fn image_url(raw: &str, allowed: &[String]) -> Result<ImageUrl, AgentError> {
-    let url = url::Url::parse(raw)
-        .map_err(|e| AgentError::Validation(format!("image url {raw:?} is invalid: {e}")))?;
+    let url = url::Url::parse(raw).map_err(|e| AgentError::Validation(format!("image url {raw:?} is invalid: {e}")))?;
     let scheme = url.scheme();
     if !allowed.iter().any(|a| a == scheme) {
         return Err(AgentError::Validation(format!(
@@ -92,9 +82,7 @@ pub fn image_url(raw: &str, allowed: &[String]) -> Result<ImageUrl, AgentError> 
         return Err(AgentError::Validation("image url has no host".into()));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(AgentError::Validation(
-            "image url must not carry credentials".into(),
-        ));
+        return Err(AgentError::Validation("image url must not carry credentials".into()));
     }
     // The raw last segment, before url's own normalisation of dot segments.
     let after_host = raw.split_once("://").map_or(raw, |(_, rest)| rest);
@@ -103,20 +91,12 @@ pub fn image_url(raw: &str, allowed: &[String]) -> Result<ImageUrl, AgentError> 
     let decoded = percent_decode(last_raw)
         .ok_or_else(|| AgentError::Validation("image url basename is not valid UTF-8".into()))?;
     cache_basename(&decoded)?;
-    let seg = url
-        .path_segments()
-        .and_then(|mut s| s.next_back())
-        .unwrap_or("");
+    let seg = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or("");
     let seg = percent_decode(seg).unwrap_or_default();
     if seg != decoded {
-        return Err(AgentError::Validation(format!(
-            "image url path {path:?} normalises to another file; refused"
-        )));
+        return Err(AgentError::Validation(format!("image url path {path:?} normalises to another file; refused")));
     }
-    Ok(ImageUrl {
-        url,
-        basename: decoded,
-    })
+    Ok(ImageUrl { url, basename: decoded })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -187,10 +167,7 @@ mod tests {
         assert!(image_url("http://example.com/a.qcow2", &https).is_err());
         assert!(image_url("file:///tmp/a.qcow2", &https).is_err());
         let all = schemes(&["https", "http", "file"]);
-        assert_eq!(
-            image_url("file:///tmp/a.qcow2", &all).unwrap().basename,
-            "a.qcow2"
-        );
+        assert_eq!(image_url("file:///tmp/a.qcow2", &all).unwrap().basename, "a.qcow2");
         for bad in [
             "http://h/..",
             "http://h/a/..",

@@ -33,19 +33,11 @@ async fn check_refused(
     let id = new_id();
     let mut s = spec("bad-vm", &env.http.url("/images/test.qcow2"));
     mutate(&mut s);
-    let t = finish(
-        &env.rt,
-        env.rt.create_vm(create_req(task, &id, s)).await.unwrap(),
-    )
-    .await;
+    let t = finish(&env.rt, env.rt.create_vm(create_req(task, &id, s)).await.unwrap()).await;
     assert_failed(&t, code);
     let msg = &t.error.as_ref().unwrap().message;
     assert!(!msg.is_empty());
-    assert_eq!(
-        env.rt.get_vm(&id).await.unwrap_err().code(),
-        "vm_not_found",
-        "{task}"
-    );
+    assert_eq!(env.rt.get_vm(&id).await.unwrap_err().code(), "vm_not_found", "{task}");
     assert!(env.rt.list_vms().await.is_empty(), "{task}");
     assert!(qemu_pids(&id).is_empty(), "{task}");
     assert!(leftovers(env).is_empty(), "{task}: {:?}", leftovers(env));
@@ -58,14 +50,8 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     let fixtures = otherix_agent_testkit::TestDir::new("fix");
     let big = big_qcow2(&fixtures.path);
     let mut routes = HashMap::new();
-    routes.insert(
-        "/page.qcow2".to_string(),
-        Route::Bytes(b"<html><body>Not an image</body></html>\n".to_vec()),
-    );
-    routes.insert(
-        "/page.raw".to_string(),
-        Route::Bytes(b"<html><body>Not an image</body></html>\n".to_vec()),
-    );
+    routes.insert("/page.qcow2".to_string(), Route::Bytes(b"<html><body>Not an image</body></html>\n".to_vec()));
+    routes.insert("/page.raw".to_string(), Route::Bytes(b"<html><body>Not an image</body></html>\n".to_vec()));
     routes.insert("/gone.qcow2".to_string(), Route::Status(404));
     routes.insert("/big.qcow2".to_string(), Route::File(big));
     let env = env("bad", routes).await;
@@ -80,30 +66,12 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     .await;
     // A URL that answers 404.
     let gone = env.http.url("/gone.qcow2");
-    check_refused(
-        &env,
-        "b-404",
-        |s| s.image.as_mut().unwrap().url = gone,
-        "download_failed",
-    )
-    .await;
+    check_refused(&env, "b-404", |s| s.image.as_mut().unwrap().url = gone, "download_failed").await;
     // Wrong sha256 pin.
-    check_refused(
-        &env,
-        "b-sha",
-        |s| s.image.as_mut().unwrap().sha256 = "0".repeat(64),
-        "checksum_mismatch",
-    )
-    .await;
+    check_refused(&env, "b-sha", |s| s.image.as_mut().unwrap().sha256 = "0".repeat(64), "checksum_mismatch").await;
     // Not a disk image, declared qcow2 and declared raw.
     let page = env.http.url("/page.qcow2");
-    check_refused(
-        &env,
-        "b-notimage",
-        |s| s.image.as_mut().unwrap().url = page,
-        "qcow2_header_invalid",
-    )
-    .await;
+    check_refused(&env, "b-notimage", |s| s.image.as_mut().unwrap().url = page, "qcow2_header_invalid").await;
     let page_raw = env.http.url("/page.raw");
     check_refused(
         &env,
@@ -127,13 +95,8 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     .enumerate()
     {
         let url = url.to_string();
-        check_refused(
-            &env,
-            &format!("b-traversal-{n}"),
-            |s| s.image.as_mut().unwrap().url = url,
-            "validation_failed",
-        )
-        .await;
+        check_refused(&env, &format!("b-traversal-{n}"), |s| s.image.as_mut().unwrap().url = url, "validation_failed")
+            .await;
     }
     // A scheme the config does not allow.
     check_refused(
@@ -156,50 +119,16 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     )
     .await;
     // More memory / cpus than the host has.
-    check_refused(
-        &env,
-        "b-memory",
-        |s| s.memory_mib = 1 << 30,
-        "insufficient_resources",
-    )
-    .await;
+    check_refused(&env, "b-memory", |s| s.memory_mib = 1 << 30, "insufficient_resources").await;
     check_refused(&env, "b-cpus", |s| s.vcpus = 255, "insufficient_resources").await;
     // Bad names and unknown pools.
-    check_refused(
-        &env,
-        "b-name",
-        |s| s.name = "Not_A_Label".into(),
-        "validation_failed",
-    )
-    .await;
-    check_refused(
-        &env,
-        "b-pool",
-        |s| s.pool = "nowhere".into(),
-        "pool_not_found",
-    )
-    .await;
+    check_refused(&env, "b-name", |s| s.name = "Not_A_Label".into(), "validation_failed").await;
+    check_refused(&env, "b-pool", |s| s.pool = "nowhere".into(), "pool_not_found").await;
 
     // Malformed ids fail the call itself.
-    let e = env
-        .rt
-        .create_vm(create_req(
-            "b-id",
-            "not-a-uuid",
-            spec("x", "http://h/a.qcow2"),
-        ))
-        .await
-        .unwrap_err();
+    let e = env.rt.create_vm(create_req("b-id", "not-a-uuid", spec("x", "http://h/a.qcow2"))).await.unwrap_err();
     assert_eq!(e.code(), "validation_failed");
-    let e = env
-        .rt
-        .create_vm(create_req(
-            "../etc",
-            &new_id(),
-            spec("x", "http://h/a.qcow2"),
-        ))
-        .await
-        .unwrap_err();
+    let e = env.rt.create_vm(create_req("../etc", &new_id(), spec("x", "http://h/a.qcow2"))).await.unwrap_err();
     assert_eq!(e.code(), "validation_failed");
     // A task id reused for another operation is refused.
     let e = env.rt.delete_vm("b-sha", &new_id()).await.unwrap_err();
@@ -210,11 +139,7 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     let pools = env.rt.list_pools();
     assert_eq!(pools.len(), 1);
     let cached: Vec<_> = pools[0].images.iter().map(|i| i.name.clone()).collect();
-    assert_eq!(
-        cached,
-        vec!["big.qcow2".to_string()],
-        "only verified images enter the cache"
-    );
+    assert_eq!(cached, vec!["big.qcow2".to_string()], "only verified images enter the cache");
     assert!(pools[0].capacity_bytes > 0 && pools[0].free_bytes > 0);
 }
 
@@ -233,41 +158,19 @@ async fn concurrent_creates_share_one_download() {
         let mut s = spec("co-vm", &url);
         s.disk_gib = 1;
         s.image.as_mut().unwrap().sha256 = sha.to_uppercase();
-        tasks.push(
-            env.rt
-                .create_vm(create_req(&format!("c-{n}"), &new_id(), s))
-                .await
-                .unwrap(),
-        );
+        tasks.push(env.rt.create_vm(create_req(&format!("c-{n}"), &new_id(), s)).await.unwrap());
     }
     for t in tasks {
         let t = finish(&env.rt, t).await;
         assert_failed(&t, "disk_too_small");
     }
-    assert_eq!(
-        env.http.hits("/shared/big.qcow2"),
-        1,
-        "downloads were not coalesced"
-    );
+    assert_eq!(env.http.hits("/shared/big.qcow2"), 1, "downloads were not coalesced");
     let pool = env.rt.scan_pool("default").unwrap();
     assert_eq!(pool.images.len(), 1);
     let img = &pool.images[0];
-    assert_eq!(
-        (
-            img.name.as_str(),
-            img.sha256.as_str(),
-            img.virtual_size_bytes
-        ),
-        ("big.qcow2", sha.as_str(), 2 << 30)
-    );
+    assert_eq!((img.name.as_str(), img.sha256.as_str(), img.virtual_size_bytes), ("big.qcow2", sha.as_str(), 2 << 30));
     assert_eq!(img.size_bytes, std::fs::metadata(&big).unwrap().len());
     assert!(pool.downloads.is_empty());
-    assert_eq!(
-        env.rt.get_task("c-0", Duration::ZERO).await.unwrap().state,
-        TaskState::Failed as i32
-    );
-    assert_eq!(
-        env.rt.scan_pool("nowhere").unwrap_err().code(),
-        "pool_not_found"
-    );
+    assert_eq!(env.rt.get_task("c-0", Duration::ZERO).await.unwrap().state, TaskState::Failed as i32);
+    assert_eq!(env.rt.scan_pool("nowhere").unwrap_err().code(), "pool_not_found");
 }

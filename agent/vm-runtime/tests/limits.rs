@@ -27,43 +27,20 @@ fn qcow2_of(dir: &std::path::Path, name: &str, size: &str) -> std::path::PathBuf
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_that_cannot_start_reports_its_stderr_and_leaves_nothing() {
     let _slot = vm_slots(1);
-    let env = env_with("spawn", HashMap::new(), |c| {
-        c.qemu.machine = "no-such-machine".into()
-    })
-    .await;
+    let env = env_with("spawn", HashMap::new(), |c| c.qemu.machine = "no-such-machine".into()).await;
     let id = new_id();
-    let t = env
-        .rt
-        .create_vm(create_req(
-            "sp-1",
-            &id,
-            spec("spawn-vm", &env.http.url("/images/test.qcow2")),
-        ))
-        .await
-        .unwrap();
+    let t =
+        env.rt.create_vm(create_req("sp-1", &id, spec("spawn-vm", &env.http.url("/images/test.qcow2")))).await.unwrap();
     let t = finish(&env.rt, t).await;
     assert_failed(&t, "qemu_spawn_failed");
     let msg = t.error.unwrap().message;
-    assert!(
-        msg.contains("unsupported machine type"),
-        "QEMU stderr missing: {msg}"
-    );
+    assert!(msg.contains("unsupported machine type"), "QEMU stderr missing: {msg}");
     assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
     assert!(qemu_pids(&id).is_empty());
 
-    let env = env_with("nobin", HashMap::new(), |c| {
-        c.qemu.binary = "/nonexistent/qemu".into()
-    })
-    .await;
-    let t = env
-        .rt
-        .create_vm(create_req(
-            "sp-2",
-            &id,
-            spec("spawn-vm", &env.http.url("/images/test.qcow2")),
-        ))
-        .await
-        .unwrap();
+    let env = env_with("nobin", HashMap::new(), |c| c.qemu.binary = "/nonexistent/qemu".into()).await;
+    let t =
+        env.rt.create_vm(create_req("sp-2", &id, spec("spawn-vm", &env.http.url("/images/test.qcow2")))).await.unwrap();
     assert_failed(&finish(&env.rt, t).await, "qemu_spawn_failed");
     assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
 }
@@ -78,46 +55,22 @@ async fn image_size_limit_and_cache_eviction() {
     routes.insert("/a.qcow2".to_string(), Route::File(a));
     routes.insert("/b.qcow2".to_string(), Route::File(b));
     // Budget for one small image: the least recently used goes when the second arrives.
-    let env = env_with("evict", routes, |c| {
-        c.images.cache_max_bytes = one + one / 2
-    })
-    .await;
+    let env = env_with("evict", routes, |c| c.images.cache_max_bytes = one + one / 2).await;
     for (task, path) in [("e-a", "/a.qcow2"), ("e-b", "/b.qcow2")] {
         let mut s = spec("evict-vm", &env.http.url(path));
         s.disk_gib = 1;
-        let t = finish(
-            &env.rt,
-            env.rt
-                .create_vm(create_req(task, &new_id(), s))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let t = finish(&env.rt, env.rt.create_vm(create_req(task, &new_id(), s)).await.unwrap()).await;
         assert_failed(&t, "disk_too_small");
     }
-    let names: Vec<_> = env
-        .rt
-        .scan_pool("default")
-        .unwrap()
-        .images
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let names: Vec<_> = env.rt.scan_pool("default").unwrap().images.into_iter().map(|i| i.name).collect();
     assert_eq!(names, ["b.qcow2"]);
     assert!(!env.pool.join("images/a.qcow2").exists());
 
     // The test image is larger than a 1 MiB limit.
-    let env = env_with("limit", HashMap::new(), |c| {
-        c.images.max_image_bytes = 1 << 20
-    })
-    .await;
+    let env = env_with("limit", HashMap::new(), |c| c.images.max_image_bytes = 1 << 20).await;
     let t = env
         .rt
-        .create_vm(create_req(
-            "l-1",
-            &new_id(),
-            spec("limit-vm", &env.http.url("/images/test.qcow2")),
-        ))
+        .create_vm(create_req("l-1", &new_id(), spec("limit-vm", &env.http.url("/images/test.qcow2"))))
         .await
         .unwrap();
     let t = finish(&env.rt, t).await;
@@ -132,49 +85,31 @@ async fn image_size_limit_and_cache_eviction() {
 /// must show as an accelerator failure, not as running. `auto` picks TCG here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_that_cannot_run_guests_shows_as_accelerator_failure() {
-    let dev_kvm_opens = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let dev_kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !dev_kvm_opens || otherix_vm_runtime::qemu::kvm_usable() {
         // Only a host with an unusable /dev/kvm can show this failure.
         eprintln!("skipped: /dev/kvm is absent or really usable on this host");
         return;
     }
     let _slot = vm_slots(1);
-    let auto = env_with("auto", HashMap::new(), |c| {
-        c.qemu.accel = AccelSetting::Auto
-    })
-    .await;
-    assert_eq!(
-        auto.rt.accelerator(),
-        otherix_proto::otherix::agent::v1::Accelerator::Tcg
-    );
+    let auto = env_with("auto", HashMap::new(), |c| c.qemu.accel = AccelSetting::Auto).await;
+    assert_eq!(auto.rt.accelerator(), otherix_proto::otherix::agent::v1::Accelerator::Tcg);
     drop(auto);
     let env = env_with("kvm", HashMap::new(), |c| c.qemu.accel = AccelSetting::Kvm).await;
     let id = new_id();
-    let t = env
-        .rt
-        .create_vm(create_req(
-            "kvm-1",
-            &id,
-            spec("kvm-vm", &env.http.url("/images/test.qcow2")),
-        ))
-        .await
-        .unwrap();
+    let t =
+        env.rt.create_vm(create_req("kvm-1", &id, spec("kvm-vm", &env.http.url("/images/test.qcow2")))).await.unwrap();
     let t = finish(&env.rt, t).await;
     // QEMU initialises KVM and reports running at first; the failure follows within seconds.
     if t.state == otherix_proto::otherix::agent::v1::TaskState::Failed as i32 {
         assert_failed(&t, "qemu_spawn_failed");
         return;
     }
-    let vm =
-        otherix_agent_testkit::wait_for("accelerator failure", Duration::from_secs(60), || async {
-            let vm = env.rt.get_vm(&id).await.unwrap();
-            (vm.phase == VmPhase::Failed as i32).then_some(vm)
-        })
-        .await;
+    let vm = otherix_agent_testkit::wait_for("accelerator failure", Duration::from_secs(60), || async {
+        let vm = env.rt.get_vm(&id).await.unwrap();
+        (vm.phase == VmPhase::Failed as i32).then_some(vm)
+    })
+    .await;
     assert_eq!(vm.reason, "accelerator_failure");
     assert_eq!(vm.qmp_status, "internal-error");
     assert_ok(&finish(&env.rt, env.rt.poweroff_vm("kvm-off", &id).await.unwrap()).await);

@@ -26,10 +26,7 @@ pub struct Env {
 
 pub fn config(dir: &TestDir) -> RuntimeConfig {
     let mut cfg = RuntimeConfig::new(dir.path.join("state"));
-    cfg.pools = vec![PoolConfig {
-        name: "default".into(),
-        path: dir.path.join("pool"),
-    }];
+    cfg.pools = vec![PoolConfig { name: "default".into(), path: dir.path.join("pool") }];
     cfg.qemu.accel = AccelSetting::Tcg;
     cfg.qemu.stop_timeout_secs = 30;
     cfg.images.allowed_schemes = vec!["http".into(), "file".into()];
@@ -41,11 +38,7 @@ pub async fn env(tag: &str, extra_routes: HashMap<String, Route>) -> Env {
 }
 
 /// Like [`env`], with a chance to change the config first.
-pub async fn env_with(
-    tag: &str,
-    extra_routes: HashMap<String, Route>,
-    tweak: impl FnOnce(&mut RuntimeConfig),
-) -> Env {
+pub async fn env_with(tag: &str, extra_routes: HashMap<String, Route>, tweak: impl FnOnce(&mut RuntimeConfig)) -> Env {
     let image = otherix_agent_testkit::test_image();
     let dir = TestDir::new(tag);
     let mut routes = extra_routes;
@@ -55,13 +48,7 @@ pub async fn env_with(
     let mut cfg = config(&dir);
     tweak(&mut cfg);
     let rt = Runtime::open(cfg).await.expect("open runtime");
-    Env {
-        rt,
-        http,
-        image,
-        pool: dir.path.join("pool"),
-        dir,
-    }
+    Env { rt, http, image, pool: dir.path.join("pool"), dir }
 }
 
 pub fn spec(name: &str, url: &str) -> VmSpec {
@@ -71,11 +58,7 @@ pub fn spec(name: &str, url: &str) -> VmSpec {
         memory_mib: 256,
         disk_gib: 0,
         pool: "default".into(),
-        image: Some(ImageSource {
-            url: url.into(),
-            sha256: String::new(),
-            format: ImageFormat::Qcow2 as i32,
-        }),
+        image: Some(ImageSource { url: url.into(), sha256: String::new(), format: ImageFormat::Qcow2 as i32 }),
         cloud_init: Some(CloudInit {
             disabled: false,
             user_data: "#cloud-config\n# otherix-message: hello from the test\n".into(),
@@ -85,12 +68,7 @@ pub fn spec(name: &str, url: &str) -> VmSpec {
 }
 
 pub fn create_req(task_id: &str, vm_id: &str, spec: VmSpec) -> CreateVmRequest {
-    CreateVmRequest {
-        task_id: task_id.into(),
-        vm_id: vm_id.into(),
-        generation: 1,
-        spec: Some(spec),
-    }
+    CreateVmRequest { task_id: task_id.into(), vm_id: vm_id.into(), generation: 1, spec: Some(spec) }
 }
 
 pub fn new_id() -> String {
@@ -100,10 +78,7 @@ pub fn new_id() -> String {
 /// Waits until the task finishes (at most 3 minutes).
 pub async fn finish(rt: &Runtime, task: Task) -> Task {
     for _ in 0..3 {
-        let t = rt
-            .get_task(&task.task_id, Duration::from_secs(60))
-            .await
-            .expect("task");
+        let t = rt.get_task(&task.task_id, Duration::from_secs(60)).await.expect("task");
         if t.state != TaskState::Running as i32 {
             return t;
         }
@@ -112,25 +87,12 @@ pub async fn finish(rt: &Runtime, task: Task) -> Task {
 }
 
 pub fn assert_ok(t: &Task) {
-    assert_eq!(
-        t.state,
-        TaskState::Succeeded as i32,
-        "task failed: {:?}",
-        t.error
-    );
+    assert_eq!(t.state, TaskState::Succeeded as i32, "task failed: {:?}", t.error);
 }
 
 pub fn assert_failed(t: &Task, code: &str) {
-    assert_eq!(
-        t.state,
-        TaskState::Failed as i32,
-        "task did not fail: {t:?}"
-    );
-    assert_eq!(
-        t.error.as_ref().map(|e| e.code.as_str()),
-        Some(code),
-        "{t:?}"
-    );
+    assert_eq!(t.state, TaskState::Failed as i32, "task did not fail: {t:?}");
+    assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), Some(code), "{t:?}");
 }
 
 /// The serial output the runtime retains for a VM.
@@ -159,18 +121,11 @@ pub async fn wait_log(rt: &Runtime, vm_id: &str, needle: &str, count: usize) -> 
 /// An independent QMP session on the VM's operator socket.
 pub async fn ops_qmp(rt: &Runtime, vm_id: &str) -> Qmp {
     let path = rt.vm_dir(vm_id).unwrap().join("qmp-ops.sock");
-    Qmp::connect(&path, Duration::from_secs(5), Duration::from_secs(10))
-        .await
-        .expect("ops qmp")
+    Qmp::connect(&path, Duration::from_secs(5), Duration::from_secs(10)).await.expect("ops qmp")
 }
 
 pub async fn qmp_status(rt: &Runtime, vm_id: &str) -> String {
-    ops_qmp(rt, vm_id)
-        .await
-        .query_status()
-        .await
-        .expect("query-status")
-        .status
+    ops_qmp(rt, vm_id).await.query_status().await.expect("query-status").status
 }
 
 /// Pids of processes whose command line carries `-uuid <vm_id>`.
@@ -190,11 +145,7 @@ pub fn qemu_pids(vm_id: &str) -> Vec<i32> {
 /// Files left anywhere under the pool's disks dir and the state's vms dir.
 pub fn leftovers(env: &Env) -> Vec<String> {
     let mut out = Vec::new();
-    for d in [
-        env.pool.join("disks"),
-        env.dir.path.join("state/vms"),
-        env.pool.join("images/.partial"),
-    ] {
+    for d in [env.pool.join("disks"), env.dir.path.join("state/vms"), env.pool.join("images/.partial")] {
         if let Ok(it) = std::fs::read_dir(&d) {
             out.extend(it.flatten().map(|e| e.path().display().to_string()));
         }
