@@ -44,6 +44,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
+            // Everything the agent and its QEMUs create (records, sockets,
+            // seeds, disks, logs) is for the agent alone.
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             let cfg = AgentConfig::load(&config)?;
             init_logging(&cfg);
             let rt = Runtime::open(cfg.runtime.clone()).await.context("open the VM runtime")?;

@@ -190,6 +190,8 @@ async fn vms_survive_agent_kill_and_are_readopted() {
 
     let mut agent = Agent::start(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
     let (a, b) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
     let ta = c
         .create_vm(CreateVmRequest {
@@ -257,7 +259,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     }
 
     // A new agent re-adopts both: same pids, running, console and log work, stop works.
-    let _agent2 = Agent::start(&config, &agent_log);
+    let mut agent2 = Agent::start(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
     let vms = c.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
     assert_eq!(vms.len(), 2);
@@ -274,7 +276,21 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     let t = c.get_task(GetTaskRequest { task_id: "k-b".into(), wait_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(t.state, TaskState::Succeeded as i32);
 
-    for (n, id) in [&a, &b].into_iter().enumerate() {
+    // A re-adopted QEMU that dies is noticed through its pidfd.
+    let pid_b = rustix::process::Pid::from_raw(pids[b.as_str()]).unwrap();
+    rustix::process::kill_process(pid_b, rustix::process::Signal::KILL).unwrap();
+    let crashed = wait_for("vm-b to show as crashed", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let b = b.clone();
+        async move {
+            let v = c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: b }).await.unwrap().into_inner();
+            (v.phase == VmPhase::Failed as i32).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!((crashed.reason.as_str(), crashed.pid), ("crashed", 0));
+
+    for (n, id) in [&a].into_iter().enumerate() {
         let t = c
             .stop_vm(StopVmRequest { task_id: format!("s-{n}"), vm_id: id.clone(), timeout_seconds: 0 })
             .await
@@ -289,6 +305,24 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     }
     let l = std::fs::read_to_string(dir.path.join(format!("state/vms/{a}/console.log"))).unwrap();
     assert!(l.contains("ACPI power button -> poweroff"), "stop did not go through ACPI");
+
+    // A QEMU that ends while the agent is down shows as gone after the restart.
+    let t = c
+        .start_vm(otherix_proto::otherix::agent::v1::StartVmRequest { task_id: "restart-a".into(), vm_id: a.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ok(&finish(&mut c, t).await);
+    let pid_a =
+        c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() }).await.unwrap().into_inner().pid;
+    agent2.kill9();
+    drop(c);
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid_a).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    let _agent3 = Agent::start(&config, &agent_log);
+    let mut c = connect(socket.clone()).await;
+    let v = c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() }).await.unwrap().into_inner();
+    assert_eq!((v.phase, v.reason.as_str(), v.pid), (VmPhase::Stopped as i32, "process_gone", 0));
 
     // Delete both; deleting again reports the VM gone.
     for (n, id) in [&a, &b].into_iter().enumerate() {

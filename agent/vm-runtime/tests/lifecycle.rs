@@ -201,3 +201,25 @@ async fn cloud_init_disabled_gives_no_seed() {
     assert_ok(&finish(&env.rt, env.rt.delete_vm("n-delete", &id).await.unwrap()).await);
     assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_from_outside_shows_as_crashed() {
+    let _slot = vm_slots(1);
+    let env = env("crash", HashMap::new()).await;
+    let id = new_id();
+    let s = spec("crash-vm", &env.http.url("/images/test.qcow2"));
+    assert_ok(&finish(&env.rt, env.rt.create_vm(create_req("x-create", &id, s)).await.unwrap()).await);
+    let pid = env.rt.get_vm(&id).await.unwrap().pid;
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let vm = otherix_agent_testkit::wait_for("crash detection", Duration::from_secs(30), || async {
+        let vm = env.rt.get_vm(&id).await.unwrap();
+        (vm.phase == VmPhase::Failed as i32).then_some(vm)
+    })
+    .await;
+    assert_eq!((vm.reason.as_str(), vm.pid), ("crashed", 0));
+    assert!(vm.message.contains("signal: 9"), "{}", vm.message);
+    // A crashed VM starts again.
+    assert_ok(&finish(&env.rt, env.rt.start_vm("x-start", &id).await.unwrap()).await);
+    assert_eq!(env.rt.get_vm(&id).await.unwrap().phase, VmPhase::Running as i32);
+    assert_ok(&finish(&env.rt, env.rt.delete_vm("x-delete", &id).await.unwrap()).await);
+}
