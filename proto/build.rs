@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let mut files = Vec::new();
     for dir in ["otherix/v1", "otherix/store/v1", "otherix/agent/v1", "google/rpc"] {
+        // A directory's mtime changes when a file is added or removed.
+        println!("cargo:rerun-if-changed={dir}");
         if !root.join(dir).is_dir() {
             continue;
         }

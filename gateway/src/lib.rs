@@ -90,6 +90,14 @@ impl Route {
     pub fn rpc(&self) -> &str {
         self.method.full_name()
     }
+    /// The RPC's gRPC path, e.g. `/otherix.v1.ClusterService/GetDefaultPool`.
+    pub fn grpc_path(&self) -> &str {
+        &self.grpc_path
+    }
+    /// The RPC's descriptor.
+    pub fn method(&self) -> &MethodDescriptor {
+        &self.method
+    }
 }
 
 /// Settings for the gateway.

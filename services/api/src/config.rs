@@ -57,6 +57,49 @@ pub struct Config {
     pub logger: LoggerConfig,
     /// Storage pool defaults.
     pub storage_pools: StoragePoolsConfig,
+    /// Sessions, tokens and login limits.
+    pub auth: AuthConfig,
+}
+
+/// Sessions, tokens and login limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Lifetime of access tokens (JWT), in seconds.
+    pub access_token_ttl_seconds: u64,
+    /// Lifetime of a session's refresh token, in seconds; each refresh renews it.
+    pub refresh_token_ttl_seconds: u64,
+    /// Failed-login limits.
+    pub login_rate_limit: LoginRateLimitConfig,
+}
+
+/// Failed-login limits (per replica).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoginRateLimitConfig {
+    /// Failures per account within the window before attempts are refused;
+    /// a source address may fail five times as often.
+    pub max_failures: u32,
+    /// The window, in seconds.
+    pub window_seconds: u64,
+    /// How many accounts and addresses are tracked at most.
+    pub max_keys: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            access_token_ttl_seconds: 15 * 60,
+            refresh_token_ttl_seconds: 30 * 24 * 3600,
+            login_rate_limit: LoginRateLimitConfig::default(),
+        }
+    }
+}
+
+impl Default for LoginRateLimitConfig {
+    fn default() -> Self {
+        LoginRateLimitConfig { max_failures: 10, window_seconds: 15 * 60, max_keys: 10_000 }
+    }
 }
 
 /// The listener serving gRPC, grpc-web, REST and health.
@@ -152,6 +195,7 @@ impl Default for Config {
             etcd: EtcdConfig::default(),
             logger: LoggerConfig::default(),
             storage_pools: StoragePoolsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -279,6 +323,15 @@ impl Config {
         }
         if tracing_subscriber_filter_ok(&self.logger.level).is_err() {
             return Err(key_err("logger.level", format!("{:?} is not a log filter", self.logger.level)));
+        }
+        if !(60..=24 * 3600).contains(&self.auth.access_token_ttl_seconds) {
+            return Err(key_err("auth.access_token_ttl_seconds", "must be between 60 and 86400"));
+        }
+        if self.auth.refresh_token_ttl_seconds < self.auth.access_token_ttl_seconds {
+            return Err(key_err("auth.refresh_token_ttl_seconds", "must be at least the access token lifetime"));
+        }
+        if self.auth.login_rate_limit.max_failures == 0 || self.auth.login_rate_limit.window_seconds == 0 {
+            return Err(key_err("auth.login_rate_limit", "max_failures and window_seconds must be at least 1"));
         }
         let pool = &self.storage_pools.default_pool_name;
         if !pool.is_empty() && !crate::names::is_label(pool) {

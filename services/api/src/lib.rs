@@ -2,9 +2,12 @@
 //! etcd (its own supervised member by default, or an external cluster).
 
 pub mod access;
+pub mod authz;
 pub mod cluster;
 pub mod config;
 pub mod health;
+pub mod idempotency;
+pub mod identity;
 pub mod names;
 pub mod rpc;
 pub mod server;
@@ -47,6 +50,16 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The bootstrap admin could not be created.
+    #[error("bootstrap admin: {0}")]
+    Bootstrap(String),
+}
+
+/// What the process environment adds to the config.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The first admin, created when no admin exists.
+    pub bootstrap_admin: Option<identity::bootstrap::BootstrapAdmin>,
 }
 
 /// A running control plane.
@@ -62,6 +75,11 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts everything the config asks for and begins serving.
     pub async fn start(config: Config) -> Result<ApiServer, StartError> {
+        Self::start_with(config, StartOptions::default()).await
+    }
+
+    /// [`ApiServer::start`] with a bootstrap admin.
+    pub async fn start_with(config: Config, options: StartOptions) -> Result<ApiServer, StartError> {
         config.validate()?;
         let member = if config.etcd.endpoints.is_empty() { Some(start_member(&config).await?) } else { None };
         let endpoints = match &member {
@@ -69,7 +87,9 @@ impl ApiServer {
             None => config.etcd.endpoints.clone(),
         };
         let store = Store::connect(&endpoints, Duration::from_secs(config.etcd.request_timeout_seconds)).await?;
-        let app = server::build_router(&config, store.clone()).await?;
+        let identity = std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth));
+        prepare_identity(&identity, &options).await?;
+        let app = server::build_router(&config, store.clone(), identity).await?;
         let tls = match &config.server.tls {
             Some(t) => Some(server::tls_config(&t.cert_file, &t.key_file)?),
             None => None,
@@ -124,6 +144,27 @@ impl ApiServer {
         }
         tracing::info!("otherix-api stopped");
     }
+}
+
+/// Creates the signing key and the bootstrap admin on first start. With an
+/// external etcd that does not answer yet, waits for it (as /readyz shows).
+async fn prepare_identity(identity: &identity::Identity, options: &StartOptions) -> Result<(), StartError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match identity.keys.ensure().await {
+            Ok(()) => break,
+            Err(e @ otherix_store::StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "store not answering yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(admin) = &options.bootstrap_admin {
+        identity.bootstrap_admin(admin).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
+    }
+    Ok(())
 }
 
 async fn start_member(config: &Config) -> Result<Member, StartError> {

@@ -43,7 +43,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Every TLS user (server, etcd, OTLP) shares the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let server = ApiServer::start(config).await.context("otherix-api failed to start")?;
+    let bootstrap_admin = otherix_api::identity::bootstrap::BootstrapAdmin::from_env(|k| std::env::var(k).ok())
+        .map_err(|m| anyhow::anyhow!(m))
+        .context("invalid bootstrap admin")?;
+    let options = otherix_api::StartOptions { bootstrap_admin };
+    let server = ApiServer::start_with(config, options).await.context("otherix-api failed to start")?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -41,7 +41,7 @@ pub async fn rpc_span(State(access): State<Arc<AccessTable>>, req: Request<Body>
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
         transport = transport(&req),
-        caller = "anonymous",
+        caller = tracing::field::Empty,
         permission = %permission,
     );
     otherix_telemetry::set_parent_from_headers(&span, req.headers());

@@ -19,12 +19,21 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::access::AccessTable;
+use crate::authz::AuthzState;
 use crate::cluster::ClusterSettingsService;
 use crate::config::Config;
-use crate::{StartError, health, rpc};
+use crate::idempotency::IdempotencyState;
+use crate::identity::Identity;
+use crate::identity::api_tokens::ApiTokenServiceImpl;
+use crate::identity::service_auth::AuthServiceImpl;
+use crate::identity::service_users::UserServiceImpl;
+use crate::{StartError, authz, health, idempotency, rpc};
+use otherix_proto::v1::api_token_service_server::ApiTokenServiceServer;
+use otherix_proto::v1::auth_service_server::AuthServiceServer;
+use otherix_proto::v1::user_service_server::UserServiceServer;
 
 /// Builds the whole application router.
-pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router, StartError> {
+pub async fn build_router(config: &Config, store: Store, identity: Arc<Identity>) -> Result<axum::Router, StartError> {
     let pool =
         DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
     let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
@@ -32,6 +41,9 @@ pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router,
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_serving::<ClusterServiceServer<ClusterSettingsService>>().await;
+    reporter.set_serving::<AuthServiceServer<AuthServiceImpl>>().await;
+    reporter.set_serving::<UserServiceServer<UserServiceImpl>>().await;
+    reporter.set_serving::<ApiTokenServiceServer<ApiTokenServiceImpl>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -46,11 +58,22 @@ pub async fn build_router(config: &Config, store: Store) -> Result<axum::Router,
     let web = tonic_web::GrpcWebLayer::new();
     use tower::Layer;
     let cluster = ClusterServiceServer::new(ClusterSettingsService::new(store.clone())).max_decoding_message_size(max);
+    let auth = AuthServiceServer::new(AuthServiceImpl::new(identity.clone())).max_decoding_message_size(max);
+    let users = UserServiceServer::new(UserServiceImpl::new(identity.clone())).max_decoding_message_size(max);
+    let tokens = ApiTokenServiceServer::new(ApiTokenServiceImpl::new(identity.clone())).max_decoding_message_size(max);
+    let authz = AuthzState { access: access.clone(), identity };
+    let idem = IdempotencyState::new(store.clone(), &pool, &access, max);
     let grpc = tonic::service::Routes::new(web.layer(cluster))
+        .add_service(web.layer(auth))
+        .add_service(web.layer(users))
+        .add_service(web.layer(tokens))
         .add_service(web.layer(health_service))
         .add_service(web.layer(reflection_v1))
         .add_service(web.layer(reflection_v1alpha))
         .into_axum_router()
+        // Layers run outermost last-added: span, then authorization, then idempotency.
+        .layer(axum::middleware::from_fn_with_state(idem, idempotency::idempotent))
+        .layer(axum::middleware::from_fn_with_state(authz, authz::authorize))
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
 
     let routes = routes_from_pool(&pool, "otherix.").map_err(|e| StartError::Contract(e.to_string()))?;

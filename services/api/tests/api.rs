@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::Harness;
 use otherix_errors::{ApiError, ErrorCode};
-use otherix_proto::v1::cluster_service_client::ClusterServiceClient;
+use otherix_proto::v1::cluster_service_client::ClusterServiceClient as Cluster;
 use otherix_proto::v1::{DefaultPool, GetDefaultPoolRequest, SetDefaultPoolRequest, UnsetDefaultPoolRequest};
 use prost::Message;
 use serde_json::{Value, json};
@@ -93,7 +93,7 @@ async fn bad_requests_are_refused_and_the_server_survives() {
     assert_eq!(body["error"]["code"], "method_not_allowed");
 
     // A gRPC message over the limit is refused too.
-    let mut client = ClusterServiceClient::new(h.grpc_channel().await);
+    let mut client = Cluster::new(h.authed(Some(&h.admin_token)).await);
     let err = client
         .set_default_pool(SetDefaultPoolRequest { name: "a".repeat(2 * 1024 * 1024), request_id: String::new() })
         .await
@@ -108,7 +108,7 @@ async fn bad_requests_are_refused_and_the_server_survives() {
 async fn default_pool_over_grpc() {
     let h = Harness::start().await;
     h.wait_seeded().await;
-    let mut client = ClusterServiceClient::new(h.grpc_channel().await);
+    let mut client = Cluster::new(h.authed(Some(&h.admin_token)).await);
     let got = client.get_default_pool(GetDefaultPoolRequest {}).await.unwrap().into_inner();
     assert_eq!(got.name, "default");
     let set = client
@@ -149,6 +149,7 @@ async fn grpc_web_over_http1() {
         .post(h.url("/otherix.v1.ClusterService/GetDefaultPool"))
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1")
+        .header("authorization", format!("Bearer {}", h.admin_token))
         .body(frame)
         .send()
         .await
@@ -168,7 +169,7 @@ async fn grpc_web_over_http1() {
 #[tokio::test]
 async fn readyz_fails_while_the_store_is_down() {
     let h = Harness::start().await;
-    let Harness { etcd, api, base, http } = h;
+    let Harness { etcd, api, base, http, .. } = h;
     drop(etcd);
     let mut last = 0;
     for _ in 0..100 {

@@ -107,7 +107,8 @@ async fn get_default_pool_via_reflection() {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/otherix.v1.ClusterService/GetDefaultPool");
-    let req = tonic::Request::new(DynamicMessage::new(method.input()));
+    let mut req = tonic::Request::new(DynamicMessage::new(method.input()));
+    req.metadata_mut().insert("authorization", format!("Bearer {}", h.admin_token).parse().unwrap());
     let resp = grpc.unary(req, path, DynamicCodec(method.clone())).await.unwrap().into_inner();
     assert_eq!(resp.get_field_by_name("name").unwrap().as_str(), Some("default"));
 

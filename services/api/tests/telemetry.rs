@@ -79,7 +79,7 @@ async fn rpc_spans_are_exported_with_the_callers_trace_context() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut client = ClusterServiceClient::new(h.grpc_channel().await);
+    let mut client = ClusterServiceClient::new(h.authed(Some(&h.admin_token)).await);
     let mut req = tonic::Request::new(GetDefaultPoolRequest {});
     req.metadata_mut().insert("traceparent", format!("00-{grpc_trace}-00f067aa0ba902b7-01").parse().unwrap());
     client.get_default_pool(req).await.unwrap();
@@ -109,7 +109,7 @@ async fn rpc_spans_are_exported_with_the_callers_trace_context() {
 
     let grpc = rpc.iter().find(|s| hex(&s.trace_id) == grpc_trace).expect("the gRPC call's span joins its traceparent");
     assert_eq!(attr(grpc, "transport").as_deref(), Some("grpc"));
-    assert!(attr(grpc, "caller").is_some());
+    assert_eq!(attr(grpc, "caller").as_deref(), Some("admin"));
 
     let failed = rpc.iter().find(|s| s.name.ends_with("/SetDefaultPool")).expect("a span for the failed call");
     assert_eq!(attr(failed, "rpc.grpc.status_code").as_deref(), Some("3"));

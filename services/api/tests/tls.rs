@@ -63,7 +63,7 @@ async fn one_tls_listener_serves_grpc_and_rest() {
     let etcd = TestEtcd::start().await;
     let mut config = common::config(&etcd);
     config.server.tls = Some(TlsConfig { cert_file: crt.clone(), key_file: key });
-    let api = ApiServer::start(config).await.unwrap();
+    let api = ApiServer::start_with(config, common::options()).await.unwrap();
     let port = api.addr().port();
     let pem = std::fs::read(&ca).unwrap();
 
@@ -86,7 +86,12 @@ async fn one_tls_listener_serves_grpc_and_rest() {
         .connect()
         .await
         .unwrap();
-    let mut client = ClusterServiceClient::new(channel);
+    let login = common::login(&http, &format!("https://localhost:{port}"), common::ADMIN, common::ADMIN_PASSWORD).await;
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let mut client = ClusterServiceClient::new(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        common::Bearer(Some(token)),
+    ));
     // Seeding runs in the background; wait for it.
     let mut name = String::new();
     for _ in 0..100 {

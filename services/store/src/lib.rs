@@ -118,9 +118,9 @@ impl Store {
         Ok(Some(Versioned { value, mod_revision: kv.mod_revision() }))
     }
 
-    /// Reads the raw bytes under a key (no prefix added), for baselines and tools.
-    pub async fn get_raw(&self, absolute_key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let resp = self.client.kv_client().get(absolute_key, None).await?;
+    /// Reads the raw bytes under a key (guards, index entries).
+    pub async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let resp = self.client.kv_client().get(full(key), None).await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
@@ -147,35 +147,39 @@ impl Store {
         expect: Expect,
         guards: &[(&str, &str)],
     ) -> Result<i64, StoreError> {
-        let k = full(key);
-        let mut compares = vec![match expect {
-            Expect::Absent => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            Expect::Revision(rev) => Compare::mod_revision(k.clone(), CompareOp::Equal, rev),
-        }];
-        let mut ops = vec![TxnOp::put(k.clone(), value.encode_to_vec(), None)];
+        let mut batch = Batch::new().put(key, value, Some(expect));
         for (g, v) in guards {
-            compares.push(Compare::create_revision(full(g), CompareOp::Equal, 0));
-            ops.push(TxnOp::put(full(g), v.as_bytes().to_vec(), None));
+            batch = batch.put_raw(g, v.as_bytes().to_vec(), Some(Expect::Absent));
         }
-        let resp = self.client.kv_client().txn(Txn::new().when(compares).and_then(ops)).await?;
+        match self.commit(batch).await {
+            Err(StoreError::AlreadyExists { key: k }) if matches!(expect, Expect::Revision(_)) && k == key => {
+                Err(StoreError::Conflict { key: k })
+            }
+            other => other,
+        }
+    }
+
+    /// Applies a batch atomically: every expectation holds and every write
+    /// lands, or nothing does. Returns the new revision.
+    pub async fn commit(&self, batch: Batch) -> Result<i64, StoreError> {
+        let resp = self.client.kv_client().txn(Txn::new().when(batch.compares).and_then(batch.ops)).await?;
         if resp.succeeded() {
             return Ok(resp.header().map(|h| h.revision()).unwrap_or_default());
         }
-        // Tell the caller which condition failed.
-        match expect {
-            Expect::Revision(_) => Err(StoreError::Conflict { key: key.to_owned() }),
-            Expect::Absent => {
-                if self.exists(key).await? {
-                    return Err(StoreError::AlreadyExists { key: key.to_owned() });
-                }
-                for (g, _) in guards {
-                    if self.exists(g).await? {
-                        return Err(StoreError::AlreadyExists { key: (*g).to_owned() });
-                    }
-                }
-                Err(StoreError::Conflict { key: key.to_owned() })
+        // Say which expectation failed: a key that should be absent, first.
+        for (k, expect) in &batch.expectations {
+            if *expect == Expect::Absent && self.exists(k).await? {
+                return Err(StoreError::AlreadyExists { key: k.clone() });
             }
         }
+        let first = batch.expectations.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        Err(StoreError::Conflict { key: first })
+    }
+
+    /// Grants a lease of `ttl`; keys written with it vanish when it expires.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        Ok(self.client.lease_client().grant(secs, None).await?.id())
     }
 
     /// Deletes a record at a revision, with the guard keys it owned.
@@ -232,5 +236,61 @@ impl Store {
             .map(|a| format!("{:?}", a.alarm()).to_uppercase())
             .collect();
         Ok(Health { alarms })
+    }
+}
+
+/// An atomic multi-key write with per-key expectations.
+#[derive(Debug, Default)]
+pub struct Batch {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+    expectations: Vec<(String, Expect)>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    fn expect(&mut self, key: &str, expect: Option<Expect>) {
+        let Some(e) = expect else { return };
+        let k = full(key);
+        self.compares.push(match e {
+            Expect::Absent => Compare::create_revision(k, CompareOp::Equal, 0),
+            Expect::Revision(rev) => Compare::mod_revision(k, CompareOp::Equal, rev),
+        });
+        self.expectations.push((key.to_owned(), e));
+    }
+
+    /// Writes a record.
+    pub fn put<M: Message>(self, key: &str, value: &M, expect: Option<Expect>) -> Batch {
+        self.put_raw(key, value.encode_to_vec(), expect)
+    }
+
+    /// Writes raw bytes (guards, index entries).
+    pub fn put_raw(mut self, key: &str, value: Vec<u8>, expect: Option<Expect>) -> Batch {
+        self.expect(key, expect);
+        self.ops.push(TxnOp::put(full(key), value, None));
+        self
+    }
+
+    /// Writes raw bytes under a lease.
+    pub fn put_leased(mut self, key: &str, value: Vec<u8>, lease: i64, expect: Option<Expect>) -> Batch {
+        self.expect(key, expect);
+        self.ops.push(TxnOp::put(full(key), value, Some(etcd_client::PutOptions::new().with_lease(lease))));
+        self
+    }
+
+    /// Deletes a key.
+    pub fn delete(mut self, key: &str, expect: Option<Expect>) -> Batch {
+        self.expect(key, expect);
+        self.ops.push(TxnOp::delete(full(key), None));
+        self
+    }
+
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 }

@@ -1,15 +1,28 @@
-//! Shared set-up: a real etcd member and the control plane on a real port.
+//! Shared set-up: a real etcd member and the control plane on a real port,
+//! with the bootstrap admin signed in.
 
 #![allow(dead_code)]
 
-use otherix_api::{ApiServer, Config};
+use otherix_api::identity::bootstrap::BootstrapAdmin;
+use otherix_api::{ApiServer, Config, StartOptions};
 use otherix_testkit::TestEtcd;
+use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const ADMIN: &str = "admin";
+pub const ADMIN_EMAIL: &str = "admin@otherix.local";
+pub const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
 
 pub struct Harness {
     pub etcd: TestEtcd,
     pub api: ApiServer,
     pub base: String,
+    /// Sends the admin's access token.
     pub http: reqwest::Client,
+    /// Sends no credentials.
+    pub anon: reqwest::Client,
+    pub admin_token: String,
 }
 
 pub fn config(etcd: &TestEtcd) -> Config {
@@ -20,22 +33,80 @@ pub fn config(etcd: &TestEtcd) -> Config {
     c
 }
 
+pub fn options() -> StartOptions {
+    StartOptions {
+        bootstrap_admin: Some(BootstrapAdmin {
+            email: ADMIN_EMAIL.into(),
+            username: ADMIN.into(),
+            password: ADMIN_PASSWORD.into(),
+        }),
+    }
+}
+
+pub fn client_with(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(h).build().unwrap()
+}
+
+/// A gRPC interceptor sending a bearer token.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
 impl Harness {
     pub async fn start() -> Harness {
+        Self::start_config(|_| {}).await
+    }
+
+    pub async fn start_config(tune: impl FnOnce(&mut Config)) -> Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let etcd = TestEtcd::start().await;
-        let api = ApiServer::start(config(&etcd)).await.expect("api starts");
+        let mut c = config(&etcd);
+        tune(&mut c);
+        let api = ApiServer::start_with(c, options()).await.expect("api starts");
         let base = format!("http://{}", api.addr());
-        let http = reqwest::Client::new();
-        Harness { etcd, api, base, http }
+        let anon = reqwest::Client::new();
+        let admin_token = login(&anon, &base, ADMIN, ADMIN_PASSWORD).await["access_token"].as_str().unwrap().to_owned();
+        let http = client_with(&admin_token);
+        Harness { etcd, api, base, http, anon, admin_token }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+    pub async fn grpc_channel(&self) -> Channel {
         tonic::transport::Endpoint::from_shared(self.base.clone()).unwrap().connect().await.unwrap()
+    }
+
+    /// A channel whose calls carry `token`.
+    pub async fn authed(&self, token: Option<&str>) -> Authed {
+        InterceptedService::new(self.grpc_channel().await, Bearer(token.map(str::to_owned)))
+    }
+
+    /// Creates a user with a role and returns its access token.
+    pub async fn user_token(&self, username: &str, role: &str) -> String {
+        let password = format!("{username}-password-123");
+        let r = self
+            .http
+            .post(self.url("/v1/users"))
+            .json(&json!({"username": username, "password": password, "role": role}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        login(&self.anon, &self.base, username, &password).await["access_token"].as_str().unwrap().to_owned()
     }
 
     /// Waits until the first-boot seeding of the default pool is visible.
@@ -49,4 +120,16 @@ impl Harness {
         }
         panic!("default pool never seeded");
     }
+}
+
+/// Logs in over REST; panics unless it succeeds.
+pub async fn login(http: &reqwest::Client, base: &str, username: &str, password: &str) -> Value {
+    let r = http
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({"username": username, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "login as {username}");
+    r.json().await.unwrap()
 }

@@ -1,0 +1,153 @@
+//! ApiTokenService: personal API tokens. Only the sha256 of a token is
+//! stored; its plaintext is returned once.
+
+use std::sync::Arc;
+
+use otherix_auth::Scope;
+use otherix_auth::token::{self, API_TOKEN_PREFIX};
+use otherix_errors::{ApiError, ErrorCode};
+use otherix_proto::otherix::store::v1::{ApiTokenRecord, UserRecord};
+use otherix_proto::v1::api_token_service_server::ApiTokenService;
+use otherix_proto::v1::{
+    ApiToken, CreateApiTokenRequest, CreateApiTokenResponse, ListApiTokensRequest, ListApiTokensResponse,
+    RevokeApiTokenRequest,
+};
+use otherix_store::{Batch, Expect, StoreError};
+use tonic::{Request, Response, Status};
+
+use super::authn::{api_token_hash_guard, api_token_key};
+use super::{Caller, Identity, is_past, now_ts, user_not_found};
+use crate::store_error::store_error;
+
+const PERMISSION: &str = "api_token:manage";
+
+/// Serves ApiTokenService.
+#[derive(Debug, Clone)]
+pub struct ApiTokenServiceImpl {
+    id: Arc<Identity>,
+}
+
+impl ApiTokenServiceImpl {
+    /// A service over the identity state.
+    pub fn new(id: Arc<Identity>) -> Self {
+        ApiTokenServiceImpl { id }
+    }
+
+    /// The user whose tokens the call is about. Other users' tokens need the
+    /// permission at `any` scope; without it they do not exist (404).
+    async fn target(&self, caller: &Caller, reference: &str) -> Result<UserRecord, ApiError> {
+        if reference.is_empty() || reference == "me" || reference == caller.user_id || reference == caller.username {
+            return Ok(self.id.resolve_user(&caller.user_id).await?.value);
+        }
+        if caller.scope(PERMISSION) != Some(Scope::Any) {
+            return Err(user_not_found(reference));
+        }
+        Ok(self.id.resolve_user(reference).await?.value)
+    }
+}
+
+fn view(t: &ApiTokenRecord) -> ApiToken {
+    ApiToken {
+        id: t.id.clone(),
+        user_id: t.user_id.clone(),
+        name: t.name.clone(),
+        description: t.description.clone(),
+        prefix: t.prefix.clone(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        last_used_at: t.last_used_at,
+        revoked_at: t.revoked_at,
+    }
+}
+
+#[tonic::async_trait]
+impl ApiTokenService for ApiTokenServiceImpl {
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().user, name = %req.get_ref().name))]
+    async fn create_api_token(
+        &self,
+        req: Request<CreateApiTokenRequest>,
+    ) -> Result<Response<CreateApiTokenResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let r = req.into_inner();
+        let user = self.target(&caller, &r.user).await?;
+        let name = r.name.trim();
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid_field("name", "a token name has 1 to 100 printable characters").into());
+        }
+        if r.description.chars().count() > 1000 {
+            return Err(ApiError::invalid_field("description", "a description has at most 1000 characters").into());
+        }
+        if r.expires_at.as_ref().is_some_and(is_past) {
+            return Err(ApiError::invalid_field("expires_at", "expires_at must be in the future").into());
+        }
+        let plaintext = token::generate(API_TOKEN_PREFIX);
+        let record = ApiTokenRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: user.id.clone(),
+            name: name.to_owned(),
+            description: r.description,
+            prefix: token::shown_prefix(&plaintext),
+            hash: token::hash(&plaintext),
+            created_at: Some(now_ts()),
+            expires_at: r.expires_at,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let batch = Batch::new().put(&api_token_key(&user.id, &record.id), &record, Some(Expect::Absent)).put_raw(
+            &api_token_hash_guard(&record.hash),
+            format!("{}/{}", user.id, record.id).into_bytes(),
+            Some(Expect::Absent),
+        );
+        self.id.store.commit(batch).await.map_err(store_error)?;
+        tracing::info!(token = %record.id, owner = %user.username, by = %caller.username, "API token created");
+        Ok(Response::new(CreateApiTokenResponse { plaintext_token: plaintext, api_token: Some(view(&record)) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
+    async fn list_api_tokens(
+        &self,
+        req: Request<ListApiTokensRequest>,
+    ) -> Result<Response<ListApiTokensResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let r = req.into_inner();
+        let user = self.target(&caller, &r.user).await?;
+        let mut tokens: Vec<ApiTokenRecord> = self
+            .id
+            .store
+            .list::<ApiTokenRecord>(&format!("api_tokens/{}/", user.id))
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .map(|(_, v)| v.value)
+            .filter(|t| r.include_revoked || (t.revoked_at.is_none() && !t.expires_at.as_ref().is_some_and(is_past)))
+            .collect();
+        // uuid v7 ids sort by creation time.
+        tokens.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(Response::new(ListApiTokensResponse { api_tokens: tokens.iter().map(view).collect() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().user, token = %req.get_ref().token_id))]
+    async fn revoke_api_token(&self, req: Request<RevokeApiTokenRequest>) -> Result<Response<ApiToken>, Status> {
+        let caller = Caller::of(&req)?;
+        let r = req.into_inner();
+        let user = self.target(&caller, &r.user).await?;
+        let not_found = || ApiError::new(ErrorCode::NotFound, format!("API token {:?} not found", r.token_id));
+        if uuid::Uuid::parse_str(&r.token_id).is_err() {
+            return Err(not_found().into());
+        }
+        let key = api_token_key(&user.id, &r.token_id);
+        let stored = self
+            .id
+            .store
+            .update::<ApiTokenRecord, StoreError, _>(&key, |cur| {
+                Ok(cur
+                    .filter(|t| t.revoked_at.is_none())
+                    .map(|t| ApiTokenRecord { revoked_at: Some(now_ts()), ..t.clone() }))
+            })
+            .await
+            .map_err(store_error)?
+            .ok_or_else(not_found)?;
+        tracing::info!(token = %r.token_id, by = %caller.username, "API token revoked");
+        Ok(Response::new(view(&stored.value)))
+    }
+}

@@ -1,0 +1,187 @@
+//! Identity: users, sessions, API tokens and the access-token signing keys,
+//! all kept in the store so every replica verifies every token.
+
+pub mod api_tokens;
+pub mod authn;
+pub mod bootstrap;
+pub mod keys;
+pub mod service_auth;
+pub mod service_users;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use otherix_auth::Role;
+use otherix_auth::limiter::LoginLimiter;
+use otherix_errors::{ApiError, ErrorCode};
+use otherix_proto::otherix::store::v1::UserRecord;
+use otherix_proto::v1::User;
+use otherix_store::{Store, Versioned};
+use prost_types::Timestamp;
+
+use crate::config::AuthConfig;
+use crate::store_error::store_error;
+
+pub use authn::Caller;
+
+/// Shared identity state: the store, the key cache and the login limiter.
+#[derive(Debug)]
+pub struct Identity {
+    pub(crate) store: Store,
+    pub(crate) keys: keys::KeyCache,
+    pub(crate) limiter: LoginLimiter,
+    pub(crate) access_ttl: Duration,
+    pub(crate) refresh_ttl: Duration,
+}
+
+impl Identity {
+    /// Identity over `store`, with settings from the config.
+    pub fn new(store: Store, cfg: &AuthConfig) -> Identity {
+        let rl = &cfg.login_rate_limit;
+        Identity {
+            keys: keys::KeyCache::new(store.clone(), Duration::from_secs(cfg.access_token_ttl_seconds)),
+            store,
+            limiter: LoginLimiter::new(
+                rl.max_failures as usize,
+                Duration::from_secs(rl.window_seconds),
+                rl.max_keys as usize,
+            ),
+            access_ttl: Duration::from_secs(cfg.access_token_ttl_seconds),
+            refresh_ttl: Duration::from_secs(cfg.refresh_token_ttl_seconds),
+        }
+    }
+
+    /// A user by id.
+    pub async fn user_by_id(&self, id: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Ok(None);
+        }
+        self.store.get::<UserRecord>(&user_key(id)).await.map_err(store_error)
+    }
+
+    /// A user by the value of one of its guards (`uniq/users/username/<name>`).
+    async fn user_by_guard(&self, guard: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
+        match self.store.get_raw(guard).await.map_err(store_error)? {
+            Some(id) => self.user_by_id(&String::from_utf8_lossy(&id)).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A user by username.
+    pub async fn user_by_username(&self, username: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
+        if !otherix_auth::valid_username(username) {
+            return Ok(None);
+        }
+        self.user_by_guard(&username_guard(username)).await
+    }
+
+    /// A user by email (case-insensitive).
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
+        if !otherix_auth::valid_email(email) {
+            return Ok(None);
+        }
+        self.user_by_guard(&email_guard(email)).await
+    }
+
+    /// A user by id or username; not_found when there is none.
+    pub async fn resolve_user(&self, reference: &str) -> Result<Versioned<UserRecord>, ApiError> {
+        let found = if uuid::Uuid::parse_str(reference).is_ok() {
+            self.user_by_id(reference).await?
+        } else {
+            self.user_by_username(reference).await?
+        };
+        found.ok_or_else(|| user_not_found(reference))
+    }
+
+    /// Every user, by username.
+    pub async fn list_users(&self) -> Result<Vec<Versioned<UserRecord>>, ApiError> {
+        let mut users: Vec<_> =
+            self.store.list::<UserRecord>(USERS).await.map_err(store_error)?.into_iter().map(|(_, v)| v).collect();
+        users.sort_by(|a, b| a.value.username.cmp(&b.value.username));
+        Ok(users)
+    }
+}
+
+/// The prefix of user records.
+pub const USERS: &str = "users/";
+
+/// The key of a user record.
+pub fn user_key(id: &str) -> String {
+    format!("{USERS}{id}")
+}
+
+/// The guard holding a username's owner.
+pub fn username_guard(username: &str) -> String {
+    format!("uniq/users/username/{username}")
+}
+
+/// The guard holding an email's owner.
+pub fn email_guard(email: &str) -> String {
+    format!("uniq/users/email/{}", email.to_ascii_lowercase())
+}
+
+/// not_found for a user reference.
+pub fn user_not_found(reference: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("user {reference:?} not found")).with_detail("user", reference)
+}
+
+/// The role stored in a record (records are validated on write).
+pub fn role_of(u: &UserRecord) -> Role {
+    u.role.parse().unwrap_or(Role::Viewer)
+}
+
+/// The API view of a user (never the password hash).
+pub fn user_view(u: &UserRecord) -> User {
+    User {
+        id: u.id.clone(),
+        username: u.username.clone(),
+        email: u.email.clone(),
+        display_name: u.display_name.clone(),
+        role: u.role.clone(),
+        created_at: u.created_at,
+        updated_at: u.updated_at,
+    }
+}
+
+/// Now as a protobuf timestamp.
+pub fn now_ts() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+/// Now in seconds since the epoch.
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+}
+
+/// A timestamp plus a duration.
+pub fn ts_after(d: Duration) -> Timestamp {
+    Timestamp::from(SystemTime::now() + d)
+}
+
+/// Whether a timestamp lies in the past.
+pub fn is_past(t: &Timestamp) -> bool {
+    SystemTime::try_from(*t).is_ok_and(|t| t <= SystemTime::now())
+}
+
+/// Hashes a password off the async threads (argon2 takes tens of milliseconds).
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || otherix_auth::password::hash(&password))
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(|e| {
+            tracing::error!(error = %e, "password hashing failed");
+            ApiError::internal()
+        })
+}
+
+/// Verifies a password off the async threads; `None` hash spends the same time and fails.
+pub async fn verify_password(password: String, phc: Option<String>) -> bool {
+    tokio::task::spawn_blocking(move || match phc {
+        Some(h) => otherix_auth::password::verify(&password, &h),
+        None => {
+            otherix_auth::password::verify_dummy(&password);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
