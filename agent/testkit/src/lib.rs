@@ -216,6 +216,9 @@ pub enum Route {
     Bytes(Vec<u8>),
     /// This status with an empty body.
     Status(u16),
+    /// 200 with the file's bytes, sent in 64 KiB pieces with a pause after each
+    /// (for watching download progress).
+    Slow(PathBuf, Duration),
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving fixed routes, counting hits.
@@ -250,8 +253,13 @@ impl HttpServer {
                     let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_string();
                     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
                     *hits.lock().expect("hits").entry(path.clone()).or_insert(0) += 1;
+                    let mut pause = None;
                     let (status, body) = match routes.get(&path) {
                         Some(Route::File(p)) => (200, tokio::fs::read(p).await.unwrap_or_default()),
+                        Some(Route::Slow(p, d)) => {
+                            pause = Some(*d);
+                            (200, tokio::fs::read(p).await.unwrap_or_default())
+                        }
                         Some(Route::Bytes(b)) => (200, b.clone()),
                         Some(Route::Status(s)) => (*s, Vec::new()),
                         None => (404, Vec::new()),
@@ -261,7 +269,19 @@ impl HttpServer {
                         body.len()
                     );
                     let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&body).await;
+                    match pause {
+                        None => {
+                            let _ = sock.write_all(&body).await;
+                        }
+                        Some(d) => {
+                            for piece in body.chunks(64 * 1024) {
+                                if sock.write_all(piece).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(d).await;
+                            }
+                        }
+                    }
                     let _ = sock.shutdown().await;
                 });
             }

@@ -174,3 +174,33 @@ async fn concurrent_creates_share_one_download() {
     assert_eq!(env.rt.get_task("c-0", Duration::ZERO).await.unwrap().state, TaskState::Failed as i32);
     assert_eq!(env.rt.scan_pool("nowhere").unwrap_err().code(), "pool_not_found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_progress_is_recorded() {
+    let image = otherix_agent_testkit::test_image();
+    let size = std::fs::metadata(image.qcow2()).unwrap().len();
+    let mut routes = HashMap::new();
+    // About 3 MB/s: the 16 MiB image takes a few seconds.
+    routes.insert("/slow/slow.qcow2".to_string(), Route::Slow(image.qcow2(), Duration::from_millis(20)));
+    let env = env("progress", routes).await;
+    let mut s = spec("slow-vm", &env.http.url("/slow/slow.qcow2"));
+    // A pin the image does not match: the task fails once the download ends, so no VM boots.
+    s.image.as_mut().unwrap().sha256 = "f".repeat(64);
+    let t = env.rt.create_vm(create_req("p-1", &new_id(), s)).await.unwrap();
+    let seen = otherix_agent_testkit::wait_for("download progress", Duration::from_secs(60), || async {
+        let t = env.rt.get_task("p-1", Duration::ZERO).await.unwrap();
+        let p = t.progress.clone().unwrap_or_default();
+        let pool = env.rt.scan_pool("default").unwrap();
+        (p.step == "image" && p.bytes_done > 0 && p.bytes_done < size && !pool.downloads.is_empty())
+            .then(|| (p, pool.downloads[0].clone()))
+    })
+    .await;
+    assert_eq!(seen.0.bytes_total, size);
+    assert_eq!(seen.1.name, "slow.qcow2");
+    assert_eq!(seen.1.bytes_total, size);
+    assert!(seen.1.bytes_done > 0);
+    // The wrong pin fails the task once the download completes.
+    assert_failed(&finish(&env.rt, t).await, "checksum_mismatch");
+    assert!(env.rt.scan_pool("default").unwrap().downloads.is_empty());
+    assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
+}
