@@ -115,3 +115,22 @@ async fn kvm_that_cannot_run_guests_shows_as_accelerator_failure() {
     assert_ok(&finish(&env.rt, env.rt.poweroff_vm("kvm-off", &id).await.unwrap()).await);
     assert_ok(&finish(&env.rt, env.rt.delete_vm("kvm-del", &id).await.unwrap()).await);
 }
+
+/// Poweroff's last resort: a QEMU that cannot answer `quit` (stopped with
+/// SIGSTOP here) is SIGKILLed after the grace time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poweroff_kills_a_qemu_that_ignores_quit() {
+    let _slot = vm_slots(1);
+    let env = env_with("sigkill", HashMap::new(), |c| c.qemu.kill_grace_secs = 1).await;
+    let id = new_id();
+    let s = spec("stuck-vm", &env.http.url("/images/test.qcow2"));
+    assert_ok(&finish(&env.rt, env.rt.create_vm(create_req("k-create", &id, s)).await.unwrap()).await);
+    let pid = env.rt.get_vm(&id).await.unwrap().pid;
+    let st = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+    assert!(st.success());
+    assert_ok(&finish(&env.rt, env.rt.poweroff_vm("k-off", &id).await.unwrap()).await);
+    assert!(qemu_pids(&id).is_empty(), "qemu {pid} survived poweroff");
+    let vm = env.rt.get_vm(&id).await.unwrap();
+    assert_eq!((vm.phase, vm.reason.as_str()), (VmPhase::Stopped as i32, "powered_off"));
+    assert_ok(&finish(&env.rt, env.rt.delete_vm("k-delete", &id).await.unwrap()).await);
+}
