@@ -3,50 +3,13 @@
 
 mod common;
 
-use common::Harness;
+use common::{DynamicCodec, Harness};
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, MethodDescriptor};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-/// A codec for messages known only at run time.
-#[derive(Clone)]
-struct DynamicCodec(MethodDescriptor);
-
-struct DynEncoder;
-struct DynDecoder(prost_reflect::MessageDescriptor);
-
-impl Encoder for DynEncoder {
-    type Item = DynamicMessage;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        item.encode(dst).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl Decoder for DynDecoder {
-    type Item = DynamicMessage;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, tonic::Status> {
-        DynamicMessage::decode(self.0.clone(), src).map(Some).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl Codec for DynamicCodec {
-    type Encode = DynamicMessage;
-    type Decode = DynamicMessage;
-    type Encoder = DynEncoder;
-    type Decoder = DynDecoder;
-    fn encoder(&mut self) -> DynEncoder {
-        DynEncoder
-    }
-    fn decoder(&mut self) -> DynDecoder {
-        DynDecoder(self.0.output())
-    }
-}
 
 async fn reflect(channel: tonic::transport::Channel, req: MessageRequest) -> MessageResponse {
     let mut client = ServerReflectionClient::new(channel);

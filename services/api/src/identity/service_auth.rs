@@ -154,6 +154,9 @@ impl AuthService for AuthServiceImpl {
     #[tracing::instrument(skip_all)]
     async fn refresh(&self, req: Request<RefreshRequest>) -> Result<Response<LoginResponse>, Status> {
         let presented = req.into_inner().refresh_token;
+        if presented.is_empty() {
+            return Err(ApiError::invalid_field("refresh_token", "the refresh_token is required").into());
+        }
         if !token::well_formed(&presented, REFRESH_TOKEN_PREFIX) {
             return Err(invalid_refresh().into());
         }

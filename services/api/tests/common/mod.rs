@@ -133,3 +133,41 @@ pub async fn login(http: &reqwest::Client, base: &str, username: &str, password:
     assert_eq!(r.status(), 200, "login as {username}");
     r.json().await.unwrap()
 }
+
+/// A gRPC codec for messages known only at run time (from descriptors).
+#[derive(Clone)]
+pub struct DynamicCodec(pub prost_reflect::MethodDescriptor);
+
+pub struct DynEncoder;
+pub struct DynDecoder(prost_reflect::MessageDescriptor);
+
+impl tonic::codec::Encoder for DynEncoder {
+    type Item = prost_reflect::DynamicMessage;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Self::Item, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Decoder for DynDecoder {
+    type Item = prost_reflect::DynamicMessage;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
+        prost_reflect::DynamicMessage::decode(self.0.clone(), src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for DynamicCodec {
+    type Encode = prost_reflect::DynamicMessage;
+    type Decode = prost_reflect::DynamicMessage;
+    type Encoder = DynEncoder;
+    type Decoder = DynDecoder;
+    fn encoder(&mut self) -> DynEncoder {
+        DynEncoder
+    }
+    fn decoder(&mut self) -> DynDecoder {
+        DynDecoder(self.0.output())
+    }
+}
