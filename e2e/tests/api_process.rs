@@ -13,6 +13,14 @@ struct Api {
     base: String,
 }
 
+impl Drop for Api {
+    fn drop(&mut self) {
+        // A failing assertion must not leave the server running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn write_config(dir: &Path, port: u16, client: u16, peer: u16) -> std::path::PathBuf {
     let path = dir.join("api.yaml");
     let text = format!(
@@ -23,11 +31,16 @@ fn write_config(dir: &Path, port: u16, client: u16, peer: u16) -> std::path::Pat
     path
 }
 
+const ADMIN_EMAIL: &str = "admin@otherix.local";
+const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
+
 async fn start(config: &Path, port: u16, log: &Path) -> Api {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = Command::new(binary("otherix-api"))
         .arg("--config")
         .arg(config)
+        .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
+        .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -56,6 +69,18 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+async fn login(http: &reqwest::Client, base: &str) -> String {
+    let r = http
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,7 +91,24 @@ async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
 
     let mut api = start(&config, port, &log).await;
     let url = format!("{}/v1/cluster/default-pool", api.base);
-    let r = http.put(&url).json(&json!({"name": "survives-crash"})).send().await.unwrap();
+    let jwt = login(&http, &api.base).await;
+    let r = http.put(&url).bearer_auth(&jwt).json(&json!({"name": "survives-crash"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{}/v1/users/me/api-tokens", api.base))
+        .bearer_auth(&jwt)
+        .json(&json!({"name": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    let api_token = r.json::<Value>().await.unwrap()["plaintext_token"].as_str().unwrap().to_owned();
+    let r = http
+        .post(format!("{}/v1/users", api.base))
+        .bearer_auth(&jwt)
+        .json(&json!({"username": "survivor", "password": "survivor-password", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let first_etcd = etcd_pid(dir.path());
     assert!(alive(first_etcd));
@@ -77,8 +119,27 @@ async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
     assert!(gone, "etcd member {first_etcd} outlived its kill -9ed control plane");
 
     let mut api = start(&config, port, &log).await;
-    let body: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    // The JWT and the API token issued before the crash still work, and so
+    // does the user created then.
+    let body: Value = http.get(&url).bearer_auth(&jwt).send().await.unwrap().json().await.unwrap();
     assert_eq!(body["name"], "survives-crash", "{body}");
+    let me: Value = http
+        .get(format!("{}/v1/users/me", api.base))
+        .bearer_auth(&api_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["username"], "admin");
+    let r = http
+        .post(format!("{}/v1/auth/login", api.base))
+        .json(&json!({"username": "survivor", "password": "survivor-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let second_etcd = etcd_pid(dir.path());
     assert_ne!(second_etcd, first_etcd);
 

@@ -1,0 +1,104 @@
+//! Teams in other languages use `proto/` as it is: a Python client generated
+//! with grpcio-tools (from PyPI) logs in, creates an API token and lists
+//! users against a running otherix-api.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use otherix_e2e::{KillOnDrop, binary, eventually, free_port, http};
+use serde_json::Value;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A virtualenv with grpcio-tools, cached in the target dir across runs.
+fn venv(root: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let dir = target.join("py-venv");
+    let python = dir.join("bin/python");
+    let reqs = root.join("e2e/python/requirements.txt");
+    let stamp = dir.join(".requirements");
+    let wanted = std::fs::read_to_string(&reqs).unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        let _ = std::fs::remove_dir_all(&dir);
+        run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&reqs));
+        std::fs::write(&stamp, wanted).unwrap();
+    }
+    python
+}
+
+#[tokio::test]
+async fn a_generated_python_client_logs_in_creates_a_token_and_lists_users() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = venv(&root);
+    let gen_dir = tempfile::tempdir().unwrap();
+    let protos: Vec<PathBuf> = ["otherix/v1", "google/api", "google/rpc"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join("proto").join(d)).unwrap().map(|e| e.unwrap().path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "proto"))
+        .map(|p| p.strip_prefix(root.join("proto")).unwrap().to_owned())
+        .collect();
+    run(Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I", "."])
+        .arg(format!("--python_out={}", gen_dir.path().display()))
+        .arg(format!("--grpc_python_out={}", gen_dir.path().display()))
+        .args(&protos)
+        .current_dir(root.join("proto")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (port, client, peer) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("api.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let api = Command::new(binary("otherix-api"))
+        .arg("--config")
+        .arg(&config)
+        .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", "admin@otherix.local")
+        .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", "correct-horse-battery-staple")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = KillOnDrop(api);
+    let base = format!("http://127.0.0.1:{port}");
+    let client_http = http();
+    let ready = eventually(
+        Duration::from_secs(30),
+        async || matches!(client_http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
+    )
+    .await;
+    assert!(ready);
+
+    let out = run(Command::new(&python)
+        .arg(root.join("e2e/python/client_smoke.py"))
+        .arg(gen_dir.path())
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("admin@otherix.local")
+        .arg("correct-horse-battery-staple"));
+    drop(api);
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["user"], "admin");
+    assert_eq!(summary["role"], "admin");
+    assert_eq!(summary["token_prefix"], "otx_");
+    assert_eq!(summary["token_name"], "python-client");
+    assert_eq!(summary["users"], serde_json::json!(["admin"]));
+    assert_eq!(summary["anonymous"], "UNAUTHENTICATED/unauthenticated");
+}
