@@ -17,6 +17,11 @@ if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   exit 0
 fi
 
+# The seed's development admin, unless the caller exported its own. It is
+# created on the first start only (or while no admin exists).
+export OTHERIX_BOOTSTRAP_ADMIN_EMAIL=${OTHERIX_BOOTSTRAP_ADMIN_EMAIL:-admin@otherix.local}
+export OTHERIX_BOOTSTRAP_ADMIN_PASSWORD=${OTHERIX_BOOTSTRAP_ADMIN_PASSWORD:-correct-horse-battery-staple}
+
 ./bin/otherix-api --config "$CONFIG" --check-config
 nohup ./bin/otherix-api --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
 echo $! >"$PIDFILE"
@@ -24,6 +29,7 @@ echo $! >"$PIDFILE"
 for _ in $(seq 1 300); do
   if curl -sf "$URL/readyz" >/dev/null 2>&1; then
     echo "otherix-api ready on $URL (pid $(cat "$PIDFILE")); log: $LOG"
+    echo "  admin: $OTHERIX_BOOTSTRAP_ADMIN_EMAIL (password from OTHERIX_BOOTSTRAP_ADMIN_PASSWORD)"
     echo "  curl -s $URL/healthz"
     echo "  stop with: make stop-dev"
     exit 0

@@ -1,6 +1,7 @@
-//! `make bench`: GetDefaultPool over gRPC and over REST against a raw etcd
-//! get measured in the same run, so the control plane's overhead reads as a
-//! ratio. The server and the load run on separate tokio runtimes pinned to
+//! `make bench`: GetDefaultPool, GetMe and Login over gRPC and over REST
+//! next to a raw etcd get measured in the same run, so the control plane's
+//! overhead reads as a ratio; and the share of GetMe spent verifying the
+//! caller's token. The server and the load run on separate tokio runtimes pinned to
 //! separate cores (etcd floats), so they do not steal each other's CPU.
 
 #![allow(clippy::print_stdout)] // A command-line report, not a daemon.
@@ -12,8 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use otherix_proto::v1::GetDefaultPoolRequest;
+use otherix_api::identity::bootstrap::BootstrapAdmin;
+use otherix_proto::v1::auth_service_client::AuthServiceClient;
 use otherix_proto::v1::cluster_service_client::ClusterServiceClient;
+use otherix_proto::v1::user_service_client::UserServiceClient;
+use otherix_proto::v1::{GetDefaultPoolRequest, GetMeRequest, LoginRequest};
 use otherix_testkit::TestEtcd;
 use tokio::sync::Mutex;
 
@@ -26,6 +30,20 @@ struct Args {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+}
+
+const ADMIN: &str = "admin";
+const PASSWORD: &str = "bench-password-123";
+
+/// Adds a bearer token to gRPC calls.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
 }
 
 fn pin_current_thread(core: usize) {
@@ -129,51 +147,113 @@ fn main() -> anyhow::Result<()> {
         config.server.listen = "127.0.0.1:0".into();
         config.etcd.endpoints = vec![etcd.endpoint()];
         config.logger.level = "warn".into();
-        let api = otherix_api::ApiServer::start(config).await?;
+        let admin = BootstrapAdmin { email: String::new(), username: ADMIN.into(), password: PASSWORD.into() };
+        let options = otherix_api::StartOptions { bootstrap_admin: Some(admin) };
+        let api = otherix_api::ApiServer::start_with(config, options).await?;
         anyhow::Ok((etcd, api))
     })?;
     let base = format!("http://{}", api.addr());
     let endpoint = etcd.endpoint();
     let Args { seconds, concurrency } = args;
 
-    let reports = load_rt.block_on(async move {
-        let http = reqwest::Client::new();
-        let url = format!("{base}/v1/cluster/default-pool");
+    let verify_endpoint = endpoint.clone();
+    let (reports, token) = load_rt.block_on(async move {
+        let anon = reqwest::Client::new();
+        let login_url = format!("{base}/v1/auth/login");
+        let login_body = serde_json::json!({"username": ADMIN, "password": PASSWORD});
+        let login: serde_json::Value = anon.post(&login_url).json(&login_body).send().await?.json().await?;
+        let token = login["access_token"].as_str().context("login failed")?.to_owned();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {token}").parse()?);
+        let http = reqwest::Client::builder().default_headers(headers).build()?;
+        let pool_url = format!("{base}/v1/cluster/default-pool");
         // Wait for the first-boot seeding so every scenario reads the same record.
         for _ in 0..200 {
-            if http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            if http.get(&pool_url).send().await.is_ok_and(|r| r.status() == 200) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let etcd_client = etcd_client::Client::connect([endpoint], None).await?;
-        let raw = load("raw etcd get", seconds, concurrency, move || {
-            let mut kv = etcd_client.kv_client();
-            async move { kv.get("/otherix/cluster_settings", None).await.is_ok() }
-        })
-        .await;
+        let bearer = Bearer(format!("Bearer {token}").parse()?);
         let channel = tonic::transport::Endpoint::from_shared(base.clone())?.connect().await?;
-        let grpc = load("gRPC GetDefaultPool", seconds, concurrency, move || {
-            let mut c = ClusterServiceClient::new(channel.clone());
-            async move { c.get_default_pool(GetDefaultPoolRequest {}).await.is_ok() }
-        })
-        .await;
-        let rest = load("REST GET /v1/cluster/default-pool", seconds, concurrency, move || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                match http.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
-                    _ => false,
+        let etcd_client = etcd_client::Client::connect([endpoint], None).await?;
+
+        let mut out = Vec::new();
+        out.push(
+            load("raw etcd get", seconds, concurrency, move || {
+                let mut kv = etcd_client.kv_client();
+                async move { kv.get("/otherix/cluster_settings", None).await.is_ok() }
+            })
+            .await,
+        );
+        let (ch, b) = (channel.clone(), bearer.clone());
+        out.push(
+            load("gRPC GetDefaultPool", seconds, concurrency, move || {
+                let mut c = ClusterServiceClient::with_interceptor(ch.clone(), b.clone());
+                async move { c.get_default_pool(GetDefaultPoolRequest {}).await.is_ok() }
+            })
+            .await,
+        );
+        let h = http.clone();
+        out.push(
+            load("REST GET /v1/cluster/default-pool", seconds, concurrency, move || {
+                ok_get(h.clone(), pool_url.clone())
+            })
+            .await,
+        );
+        let (ch, b) = (channel.clone(), bearer.clone());
+        out.push(
+            load("gRPC GetMe", seconds, concurrency, move || {
+                let mut c = UserServiceClient::with_interceptor(ch.clone(), b.clone());
+                async move { c.get_me(GetMeRequest {}).await.is_ok() }
+            })
+            .await,
+        );
+        let (h, me_url) = (http.clone(), format!("{base}/v1/users/me"));
+        out.push(load("REST GET /v1/users/me", seconds, concurrency, move || ok_get(h.clone(), me_url.clone())).await);
+        let ch = channel.clone();
+        out.push(
+            load("gRPC Login (argon2id)", seconds, concurrency, move || {
+                let mut c = AuthServiceClient::new(ch.clone());
+                async move {
+                    let req = LoginRequest { username: ADMIN.into(), email: String::new(), password: PASSWORD.into() };
+                    c.login(req).await.is_ok()
                 }
-            }
-        })
-        .await;
-        anyhow::Ok(vec![raw, grpc, rest])
+            })
+            .await,
+        );
+        out.push(
+            load("REST POST /v1/auth/login (argon2id)", seconds, concurrency, move || {
+                let (a, u, b) = (anon.clone(), login_url.clone(), login_body.clone());
+                async move { matches!(a.post(&u).json(&b).send().await, Ok(r) if r.status() == 200) }
+            })
+            .await,
+        );
+        anyhow::Ok((out, token))
     })?;
 
-    println!(
-        "GetDefaultPool, {concurrency} in flight, {seconds} s per scenario, server and load pinned to separate cores"
-    );
+    // Token verification alone, in this process against the same etcd: the
+    // HMAC check by itself, and the full check (signature, user, session).
+    let (sig_us, full) = load_rt.block_on(async move {
+        let store = otherix_store::Store::connect(&[verify_endpoint], Duration::from_secs(5)).await?;
+        let identity = otherix_api::identity::Identity::new(store, &otherix_api::config::AuthConfig::default());
+        let keys = identity.signing_keys().await?;
+        let n = 20_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(otherix_auth::jwt::verify(&token, &keys, now_secs()).is_ok());
+        }
+        let sig_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+        let id = Arc::new(identity);
+        let full = load("token verification (signature + user + session reads)", 2, 1, move || {
+            let (id, token) = (id.clone(), token.clone());
+            async move { id.authenticate(&token).await.is_ok() }
+        })
+        .await;
+        anyhow::Ok((sig_us, full))
+    })?;
+
+    println!("{concurrency} requests in flight, {seconds} s per scenario, server and load pinned to separate cores");
     println!();
     println!("| scenario | requests/s | p50 | p99 | errors | p50 vs etcd | throughput vs etcd |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
@@ -191,7 +271,28 @@ fn main() -> anyhow::Result<()> {
             r.rps() / base_rps,
         );
     }
+    let getme = reports.iter().find(|r| r.name == "gRPC GetMe").map_or(0.0, |r| r.pct(0.5).as_secs_f64());
+    let verify = full.pct(0.5).as_secs_f64();
+    println!();
+    println!(
+        "Token verification: HMAC-SHA256 check {sig_us:.2} us; full check (signature, user and session reads, one at a time) p50 {:.3} ms, p99 {:.3} ms, {:.0}% of gRPC GetMe's p50 under load ({:.3} ms).",
+        verify * 1e3,
+        full.pct(0.99).as_secs_f64() * 1e3,
+        100.0 * verify / getme.max(f64::EPSILON),
+        getme * 1e3
+    );
     server_rt.block_on(api.shutdown());
     drop(etcd);
     Ok(())
+}
+
+async fn ok_get(http: reqwest::Client, url: String) -> bool {
+    match http.get(&url).send().await {
+        Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+        _ => false,
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }

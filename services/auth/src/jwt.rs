@@ -122,17 +122,17 @@ mod tests {
         let t = sign(&claims(1000), &k1);
         assert_eq!(key_id(&t).as_deref(), Some("k1"));
         assert_eq!(verify(&t, &[k2.clone(), k1.clone()], 500), Ok(claims(1000)));
-        assert_eq!(verify(&t, &[k1.clone()], 1000), Err(JwtError::Expired));
-        assert_eq!(verify(&t, &[k2.clone()], 500), Err(JwtError::Invalid));
+        assert_eq!(verify(&t, std::slice::from_ref(&k1), 1000), Err(JwtError::Expired));
+        assert_eq!(verify(&t, std::slice::from_ref(&k2), 500), Err(JwtError::Invalid));
         // A token signed by k2 but claiming k1's id fails the signature check.
         let forged = sign(&claims(1000), &Key { id: "k1".into(), ..k2.clone() });
-        assert_eq!(verify(&forged, &[k1.clone()], 500), Err(JwtError::Invalid));
+        assert_eq!(verify(&forged, std::slice::from_ref(&k1), 500), Err(JwtError::Invalid));
         // Tampered claims.
         let mut parts: Vec<&str> = t.split('.').collect();
         let other = URL_SAFE_NO_PAD.encode(br#"{"sub":"admin","sid":"s1","iat":100,"exp":1000}"#);
         parts[1] = &other;
-        assert_eq!(verify(&parts.join("."), &[k1.clone()], 500), Err(JwtError::Invalid));
-        assert_eq!(verify("a.b", &[k1.clone()], 0), Err(JwtError::Invalid));
+        assert_eq!(verify(&parts.join("."), std::slice::from_ref(&k1), 500), Err(JwtError::Invalid));
+        assert_eq!(verify("a.b", std::slice::from_ref(&k1), 0), Err(JwtError::Invalid));
         let retired = Key { retire_after: Some(400), ..k1 };
         assert_eq!(verify(&t, &[retired], 500), Err(JwtError::Retired));
     }

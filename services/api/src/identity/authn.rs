@@ -98,12 +98,19 @@ impl Identity {
             JwtError::Retired => revoked("the access token was signed with a revoked key; log in again"),
             JwtError::Invalid => unauthenticated("invalid access token"),
         })?;
-        let user = self.live_user(&claims.sub).await?;
+        if uuid::Uuid::parse_str(&claims.sub).is_err() {
+            return Err(unauthenticated("invalid access token"));
+        }
+        // The user and the session in one round trip.
+        let (user, session) = self
+            .store
+            .get_two::<UserRecord, SessionRecord>(&super::user_key(&claims.sub), &session_key(&claims.sub, &claims.sid))
+            .await
+            .map_err(store_error)?;
+        let user = user.map(|v| v.value).ok_or_else(|| unauthenticated("the token's user no longer exists"))?;
         if user.tokens_valid_after.is_some_and(|t| claims.iat < t.seconds) {
             return Err(revoked("the session was logged out"));
         }
-        let session =
-            self.store.get::<SessionRecord>(&session_key(&user.id, &claims.sid)).await.map_err(store_error)?;
         match session {
             Some(s) if s.value.revoked_at.is_none() => {}
             Some(_) => return Err(revoked("the session was logged out")),

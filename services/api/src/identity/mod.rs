@@ -50,6 +50,11 @@ impl Identity {
         }
     }
 
+    /// The current signing key set (for tools and benchmarks).
+    pub async fn signing_keys(&self) -> Result<Vec<otherix_auth::jwt::Key>, ApiError> {
+        self.keys.keys(false).await
+    }
+
     /// A user by id.
     pub async fn user_by_id(&self, id: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
         if uuid::Uuid::parse_str(id).is_err() {

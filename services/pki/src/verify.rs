@@ -1,0 +1,268 @@
+//! Chain verification, certificate identity and metadata.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::time::ASN1Time;
+
+use crate::error::{PkiError, VerifyError};
+use crate::fingerprint::{sha256, to_hex};
+use crate::names::{AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, validate_node_name};
+use crate::pem::{asn1_to_system, first_cert_from_pem, key_from_pem, parse_x509, serial_hex};
+
+/// Checks that `leaf_pem` (its first certificate) is signed by the CA in `ca_pem` and that
+/// both are within their validity period now.
+pub fn verify_chain(leaf_pem: &str, ca_pem: &str) -> Result<(), VerifyError> {
+    let leaf_der = first_cert_from_pem(leaf_pem).map_err(VerifyError::Leaf)?;
+    let ca_der = first_cert_from_pem(ca_pem).map_err(VerifyError::Ca)?;
+    verify_chain_der_at(&leaf_der, &ca_der, ASN1Time::now())
+}
+
+/// Like [`verify_chain`], on DER input and at a given time.
+pub(crate) fn verify_chain_der_at(
+    leaf_der: &[u8],
+    ca_der: &[u8],
+    now: ASN1Time,
+) -> Result<(), VerifyError> {
+    let leaf = parse_x509(leaf_der).map_err(VerifyError::Leaf)?;
+    let ca = parse_x509(ca_der).map_err(VerifyError::Ca)?;
+    if !ca.is_ca() {
+        return Err(VerifyError::NotCa);
+    }
+    if leaf.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(VerifyError::IssuerMismatch);
+    }
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| VerifyError::BadSignature)?;
+    if !ca.validity().is_valid_at(now) {
+        return Err(VerifyError::CaNotValidNow);
+    }
+    if !leaf.validity().is_valid_at(now) {
+        return Err(VerifyError::NotValidNow {
+            not_before: leaf.validity().not_before.timestamp(),
+            not_after: leaf.validity().not_after.timestamp(),
+        });
+    }
+    Ok(())
+}
+
+/// The node name of an agent certificate (`CN=node-<name>` and/or SAN
+/// `node-<name>.agents.otherix.local`), or `None` when it names no node or names disagree.
+/// Does not verify the chain: use it on certificates a verifier has already accepted.
+pub fn cert_identity(cert_pem: &str) -> Option<String> {
+    let der = first_cert_from_pem(cert_pem).ok()?;
+    cert_identity_der(&der)
+}
+
+/// [`cert_identity`] on a DER certificate (e.g. from rustls `peer_certificates()`).
+pub fn cert_identity_der(der: &[u8]) -> Option<String> {
+    let cert = parse_x509(der).ok()?;
+    identity_of(&cert)
+}
+
+fn node_from_cn(cn: &str) -> Option<String> {
+    let name = cn.strip_prefix(AGENT_CN_PREFIX)?;
+    validate_node_name(name).ok()?;
+    Some(name.to_string())
+}
+
+fn node_from_dns(dns: &str) -> Option<String> {
+    let host = dns
+        .strip_suffix(AGENT_DNS_SUFFIX)?
+        .strip_suffix('.')?
+        .strip_prefix(AGENT_CN_PREFIX)?;
+    validate_node_name(host).ok()?;
+    Some(host.to_string())
+}
+
+fn identity_of(cert: &X509Certificate<'_>) -> Option<String> {
+    let cns: Vec<&str> = cert
+        .subject()
+        .iter_common_name()
+        .map(|c| c.as_str().ok())
+        .collect::<Option<Vec<_>>>()?;
+    if cns.len() > 1 {
+        return None;
+    }
+    let from_cn = cns.first().and_then(|cn| node_from_cn(cn));
+    let san_ext = cert.subject_alternative_name().ok()?;
+    let from_sans: Vec<String> = san_ext
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    GeneralName::DNSName(d) => node_from_dns(d),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match from_cn {
+        Some(n) => from_sans.iter().all(|s| *s == n).then_some(n),
+        None => {
+            let first = from_sans.first()?;
+            from_sans.iter().all(|s| s == first).then(|| first.clone())
+        }
+    }
+}
+
+/// Whether the private key in `key_pem` belongs to the (first) certificate in `cert_pem`.
+pub fn key_matches_cert(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
+    let der = first_cert_from_pem(cert_pem).map_err(PkiError::Pem)?;
+    let cert = parse_x509(&der).map_err(PkiError::Certificate)?;
+    // Validate the PEM shape first so that hostile input never reaches a key parser unchecked.
+    key_from_pem(key_pem).map_err(PkiError::Key)?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| PkiError::Key(e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
+/// Metadata of a certificate, as the control plane records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's first common name, if any.
+    pub common_name: Option<String>,
+    /// The subject as an RFC 4514-like string.
+    pub subject: String,
+    /// DNS and IP subject alternative names, in certificate order.
+    pub sans: Vec<String>,
+    /// Serial number, lower-case hex.
+    pub serial_hex: String,
+    /// sha256 of the certificate DER, lower-case hex.
+    pub fingerprint_sha256: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Whether basic constraints mark it as a CA.
+    pub is_ca: bool,
+}
+
+/// Parses the (first) certificate in `cert_pem` into [`CertInfo`].
+pub fn cert_info(cert_pem: &str) -> Result<CertInfo, PkiError> {
+    let der = first_cert_from_pem(cert_pem).map_err(PkiError::Pem)?;
+    let cert = parse_x509(&der).map_err(PkiError::Certificate)?;
+    let sans = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext
+            .value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                GeneralName::IPAddress(b) => ip_from_bytes(b).map(|ip| ip.to_string()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(PkiError::Certificate(e.to_string())),
+    };
+    Ok(CertInfo {
+        common_name: cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .map(str::to_string),
+        subject: cert.subject().to_string(),
+        sans,
+        serial_hex: serial_hex(cert.raw_serial()),
+        fingerprint_sha256: to_hex(&sha256(&der)),
+        not_before: asn1_to_system(cert.validity().not_before),
+        not_after: asn1_to_system(cert.validity().not_after),
+        is_ca: cert.is_ca(),
+    })
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClusterCa;
+    use std::time::Duration;
+
+    #[test]
+    fn chain_against_other_ca_fails() {
+        let ca = ClusterCa::generate().unwrap();
+        let other = ClusterCa::generate().unwrap();
+        let leaf = ca
+            .issue_server_cert(&["localhost".into()], Duration::from_secs(3600))
+            .unwrap();
+        verify_chain(&leaf.cert_pem, ca.cert_pem()).unwrap();
+        // Same subject name (both CAs are "otherix-cluster-ca"), different key.
+        assert_eq!(
+            verify_chain(&leaf.cert_pem, other.cert_pem()),
+            Err(VerifyError::BadSignature)
+        );
+        // A leaf is not a trust anchor.
+        assert_eq!(
+            verify_chain(&leaf.cert_pem, &leaf.cert_pem),
+            Err(VerifyError::NotCa)
+        );
+    }
+
+    #[test]
+    fn chain_validity_period() {
+        let ca = ClusterCa::generate().unwrap();
+        let now = crate::ca::now_utc();
+        let expired = ca
+            .issue_server_cert_between(
+                &["localhost".into()],
+                now - time::Duration::days(10),
+                now - time::Duration::days(1),
+            )
+            .unwrap();
+        assert!(matches!(
+            verify_chain(&expired.cert_pem, ca.cert_pem()),
+            Err(VerifyError::NotValidNow { .. })
+        ));
+        let future = ca
+            .issue_server_cert_between(
+                &["localhost".into()],
+                now + time::Duration::days(1),
+                now + time::Duration::days(10),
+            )
+            .unwrap();
+        assert!(matches!(
+            verify_chain(&future.cert_pem, ca.cert_pem()),
+            Err(VerifyError::NotValidNow { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_input_is_an_error_not_a_panic() {
+        let ca = ClusterCa::generate().unwrap();
+        let inputs = [
+            String::new(),
+            "garbage".to_string(),
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".to_string(),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_string(),
+            crate::pem::encode_pem("CERTIFICATE", &[0x30, 0x82, 0xff, 0xff, 0x00]),
+            crate::pem::encode_pem("CERTIFICATE", &[0u8; 300]),
+            "x".repeat(1 << 20),
+        ];
+        for junk in &inputs {
+            assert!(verify_chain(junk, ca.cert_pem()).is_err());
+            assert!(verify_chain(ca.cert_pem(), junk).is_err());
+            assert_eq!(cert_identity(junk), None);
+            assert!(cert_info(junk).is_err());
+            assert!(key_matches_cert(junk, junk).is_err());
+            assert!(key_matches_cert(ca.cert_pem(), junk).is_err());
+        }
+        // Truncations of a real certificate never panic.
+        let der = ca.cert_der().as_ref().to_vec();
+        for n in (0..der.len()).step_by(7) {
+            let pem = crate::pem::encode_pem("CERTIFICATE", &der[..n]);
+            assert!(verify_chain(&pem, ca.cert_pem()).is_err());
+            assert_eq!(cert_identity_der(&der[..n]), None);
+        }
+    }
+}
