@@ -7,7 +7,7 @@ use otherix_proto::v1::AccessRule;
 use prost_reflect::{DescriptorPool, Value};
 
 /// The packages whose RPCs must all carry an access rule.
-pub const GOVERNED_PACKAGE_PREFIX: &str = "otherix.v1";
+pub const GOVERNED_PACKAGES: &[&str] = &["otherix.v1", "otherix.agent.v1"];
 
 /// Access rules by gRPC path (`/otherix.v1.ClusterService/GetDefaultPool`).
 #[derive(Debug, Clone, Default)]
@@ -23,7 +23,7 @@ impl AccessTable {
             .ok_or("the otherix.v1.access option is not in the descriptor set")?;
         let mut by_path = HashMap::new();
         let mut missing = Vec::new();
-        for service in pool.services().filter(|s| s.package_name() == GOVERNED_PACKAGE_PREFIX) {
+        for service in pool.services().filter(|s| GOVERNED_PACKAGES.contains(&s.package_name())) {
             for method in service.methods() {
                 let opts = method.options();
                 let rule = match opts.has_extension(&ext).then(|| opts.get_extension(&ext).into_owned()) {
@@ -31,8 +31,11 @@ impl AccessTable {
                     _ => None,
                 };
                 let valid = rule.as_ref().is_some_and(|r| {
-                    let set =
-                        usize::from(!r.permission.is_empty()) + usize::from(r.public) + usize::from(r.authenticated);
+                    let set = usize::from(!r.permission.is_empty())
+                        + usize::from(r.public)
+                        + usize::from(r.authenticated)
+                        + usize::from(r.agent)
+                        + usize::from(r.control_plane);
                     set == 1 && (r.permission.is_empty() || valid_permission(&r.permission))
                 });
                 match rule {
@@ -78,6 +81,10 @@ pub fn describe(rule: &AccessRule) -> &str {
         "public"
     } else if rule.authenticated {
         "authenticated"
+    } else if rule.agent {
+        "agent"
+    } else if rule.control_plane {
+        "control_plane"
     } else {
         &rule.permission
     }
@@ -92,7 +99,7 @@ mod tests {
         let pool = DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).unwrap();
         let table = AccessTable::from_pool(&pool).unwrap();
         let total: usize =
-            pool.services().filter(|s| s.package_name() == GOVERNED_PACKAGE_PREFIX).map(|s| s.methods().len()).sum();
+            pool.services().filter(|s| GOVERNED_PACKAGES.contains(&s.package_name())).map(|s| s.methods().len()).sum();
         assert_eq!(table.len(), total);
         assert_eq!(table.rule("/otherix.v1.ClusterService/SetDefaultPool").unwrap().permission, "cluster:manage");
     }

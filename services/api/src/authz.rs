@@ -56,6 +56,12 @@ pub async fn authorize(State(st): State<AuthzState>, mut req: Request<Body>, nex
         return next.run(req).await;
     }
     let ct = req.headers().get(http::header::CONTENT_TYPE).cloned();
+    if rule.agent || rule.control_plane {
+        // Agent-plane RPCs authenticate by client certificate on the agent
+        // listener; a user token never opens them.
+        let e = ApiError::new(ErrorCode::Unauthenticated, "this RPC needs an enrolled agent's client certificate");
+        return grpc_error(ct.as_ref(), &e);
+    }
     let Some(token) = bearer(&req) else {
         let e =
             ApiError::new(ErrorCode::Unauthenticated, "authentication required: send Authorization: Bearer <token>");
