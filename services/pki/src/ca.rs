@@ -4,8 +4,8 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SerialNumber,
 };
 use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -68,9 +68,7 @@ pub(crate) fn now_utc() -> OffsetDateTime {
 /// Adds a std duration to a time, saturating far in the future.
 pub(crate) fn add_validity(start: OffsetDateTime, validity: Duration) -> OffsetDateTime {
     let d = time::Duration::try_from(validity).unwrap_or(time::Duration::days(365 * 100));
-    start
-        .checked_add(d)
-        .unwrap_or_else(|| start + time::Duration::days(365 * 100))
+    start.checked_add(d).unwrap_or_else(|| start + time::Duration::days(365 * 100))
 }
 
 fn random_serial() -> Result<(SerialNumber, String), String> {
@@ -84,26 +82,20 @@ fn random_serial() -> Result<(SerialNumber, String), String> {
 impl ClusterCa {
     /// Generates a new CA: ECDSA P-384, CN `otherix-cluster-ca`, ~10 years, keyCertSign/cRLSign.
     pub fn generate() -> Result<Self, PkiError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
-            .map_err(|e| PkiError::KeyGen(e.to_string()))?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| PkiError::KeyGen(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, CA_COMMON_NAME);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = add_validity(now, CA_VALIDITY);
         let (serial, _) = random_serial().map_err(PkiError::KeyGen)?;
         params.serial_number = Some(serial);
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        let cert = params.self_signed(&key).map_err(|e| PkiError::Sign(e.to_string()))?;
         Self::from_parts(cert.der().clone(), key)
     }
 
@@ -138,8 +130,7 @@ impl ClusterCa {
             }
         }
         let key_pem = key.serialize_pem();
-        let issuer = Issuer::from_ca_cert_der(&der, key)
-            .map_err(|e| PkiError::Certificate(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| PkiError::Certificate(e.to_string()))?;
         Ok(ClusterCa {
             cert_pem: encode_pem("CERTIFICATE", &der),
             fingerprint: sha256(&der),
@@ -175,34 +166,22 @@ impl ClusterCa {
     }
 
     /// Signs a leaf for `public_key` with the given profile; not a CA, EKU server+client auth.
-    pub(crate) fn issue_leaf(
-        &self,
-        public_key: &impl PublicKeyData,
-        spec: &LeafSpec,
-    ) -> Result<IssuedLeaf, String> {
+    pub(crate) fn issue_leaf(&self, public_key: &impl PublicKeyData, spec: &LeafSpec) -> Result<IssuedLeaf, String> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, spec.common_name.as_str());
         params.distinguished_name = dn;
-        params.subject_alt_names = spec
-            .sans
-            .iter()
-            .map(|s| s.to_rcgen().map_err(|r| format!("SAN {s}: {r}")))
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names =
+            spec.sans.iter().map(|s| s.to_rcgen().map_err(|r| format!("SAN {s}: {r}"))).collect::<Result<_, _>>()?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         let (serial, serial_hex) = random_serial()?;
         params.serial_number = Some(serial);
-        let cert = params
-            .signed_by(public_key, &self.issuer)
-            .map_err(|e| e.to_string())?;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(|e| e.to_string())?;
         Ok(IssuedLeaf {
             cert_pem: cert.pem(),
             serial_hex,
@@ -227,42 +206,23 @@ mod tests {
         assert_eq!(again.fingerprint_sha256(), ca.fingerprint_sha256());
         assert_eq!(again.to_pem(), ca.to_pem());
         assert_eq!(ca.fingerprint_sha256().len(), 64);
-        assert_eq!(
-            ca.fingerprint_sha256(),
-            to_hex(&sha256(ca.cert_der().as_ref()))
-        );
+        assert_eq!(ca.fingerprint_sha256(), to_hex(&sha256(ca.cert_der().as_ref())));
 
         let x = parse_x509(ca.cert_der()).unwrap();
-        let cn: Vec<_> = x
-            .subject()
-            .iter_common_name()
-            .map(|c| c.as_str().unwrap().to_string())
-            .collect();
+        let cn: Vec<_> = x.subject().iter_common_name().map(|c| c.as_str().unwrap().to_string()).collect();
         assert_eq!(cn, [CA_COMMON_NAME]);
         assert!(x.is_ca());
         let ku = x.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign());
-        let years = (x.validity().not_after.timestamp() - x.validity().not_before.timestamp())
-            / (365 * 24 * 3600);
+        let years = (x.validity().not_after.timestamp() - x.validity().not_before.timestamp()) / (365 * 24 * 3600);
         assert!((9..=10).contains(&years), "{years}");
+        assert_eq!(x.public_key().algorithm.algorithm, x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY);
         assert_eq!(
-            x.public_key().algorithm.algorithm,
-            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
-        );
-        assert_eq!(
-            x.public_key()
-                .algorithm
-                .parameters
-                .as_ref()
-                .unwrap()
-                .as_oid()
-                .unwrap(),
+            x.public_key().algorithm.parameters.as_ref().unwrap().as_oid().unwrap(),
             x509_parser::oid_registry::OID_NIST_EC_P384
         );
         // The same CA after a PEM round trip signs certs that chain to the original.
-        let c = again
-            .issue_server_cert(&["localhost".to_string()], Duration::from_secs(3600))
-            .unwrap();
+        let c = again.issue_server_cert(&["localhost".to_string()], Duration::from_secs(3600)).unwrap();
         crate::verify_chain(&c.cert_pem, ca.cert_pem()).unwrap();
     }
 
@@ -272,17 +232,9 @@ mod tests {
         let other = ClusterCa::generate().unwrap();
         let (cert_pem, _) = ca.to_pem();
         let (_, other_key) = other.to_pem();
-        assert!(matches!(
-            ClusterCa::from_pem(&cert_pem, &other_key),
-            Err(PkiError::KeyMismatch)
-        ));
-        let leaf = ca
-            .issue_server_cert(&["localhost".to_string()], Duration::from_secs(3600))
-            .unwrap();
-        assert!(matches!(
-            ClusterCa::from_pem(&leaf.cert_pem, &leaf.key_pem),
-            Err(PkiError::NotCa(_))
-        ));
+        assert!(matches!(ClusterCa::from_pem(&cert_pem, &other_key), Err(PkiError::KeyMismatch)));
+        let leaf = ca.issue_server_cert(&["localhost".to_string()], Duration::from_secs(3600)).unwrap();
+        assert!(matches!(ClusterCa::from_pem(&leaf.cert_pem, &leaf.key_pem), Err(PkiError::NotCa(_))));
         for junk in [
             "",
             "garbage",

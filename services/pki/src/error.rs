@@ -107,10 +107,7 @@ pub enum CsrError {
 
 impl From<NodeNameError> for CsrError {
     fn from(e: NodeNameError) -> Self {
-        CsrError::InvalidNodeName {
-            name: e.name,
-            reason: e.reason,
-        }
+        CsrError::InvalidNodeName { name: e.name, reason: e.reason }
     }
 }
 

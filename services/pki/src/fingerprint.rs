@@ -82,11 +82,7 @@ mod tests {
         let formatted = format_fingerprint(&d);
         assert_eq!(formatted, format!("sha256:{hex}"));
 
-        let colon_upper = d
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let colon_upper = d.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
         for variant in [
             formatted.clone(),
             hex.clone(),
@@ -105,30 +101,12 @@ mod tests {
         let hex = to_hex(&sha256(b"x"));
         assert_eq!(parse_fingerprint(""), Err(FingerprintError::Empty));
         assert_eq!(parse_fingerprint("sha256:"), Err(FingerprintError::Empty));
-        assert_eq!(
-            parse_fingerprint(&hex[..62]),
-            Err(FingerprintError::Length { got: 62 })
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("{hex}00")),
-            Err(FingerprintError::Length { got: 66 })
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("{}g", &hex[..63])),
-            Err(FingerprintError::InvalidCharacter('g'))
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("sha1:{hex}")),
-            Err(FingerprintError::InvalidCharacter('s'))
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("{}:{}", &hex[..3], &hex[3..])),
-            Err(FingerprintError::Separator)
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("{hex}:")),
-            Err(FingerprintError::Separator)
-        );
+        assert_eq!(parse_fingerprint(&hex[..62]), Err(FingerprintError::Length { got: 62 }));
+        assert_eq!(parse_fingerprint(&format!("{hex}00")), Err(FingerprintError::Length { got: 66 }));
+        assert_eq!(parse_fingerprint(&format!("{}g", &hex[..63])), Err(FingerprintError::InvalidCharacter('g')));
+        assert_eq!(parse_fingerprint(&format!("sha1:{hex}")), Err(FingerprintError::InvalidCharacter('s')));
+        assert_eq!(parse_fingerprint(&format!("{}:{}", &hex[..3], &hex[3..])), Err(FingerprintError::Separator));
+        assert_eq!(parse_fingerprint(&format!("{hex}:")), Err(FingerprintError::Separator));
         // Multi-byte UTF-8 after a short prefix must not panic on slicing.
         assert!(parse_fingerprint("sha2ü:abc").is_err());
         assert!(parse_fingerprint("ü").is_err());

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::PkiError;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
 }
 
 /// Creates `dir` (and parents) if needed and sets its mode to `mode` (e.g. 0o700).
@@ -36,28 +33,18 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         .to_string_lossy()
         .into_owned();
     let mut rnd = [0u8; 8];
-    getrandom::fill(&mut rnd).map_err(|e| PkiError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    getrandom::fill(&mut rnd)
+        .map_err(|e| PkiError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
     let tmp = dir.join(format!(".{name}.tmp-{}", crate::fingerprint::to_hex(&rnd)));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
         // The umask may have narrowed the mode at creation; set it exactly.
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err(&tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
         f.write_all(contents).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         drop(f);
         fs::rename(&tmp, path).map_err(io_err(path))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&dir))
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -74,10 +61,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
         ensure_dir(&dir, 0o700).unwrap();
-        assert_eq!(
-            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         let p = dir.join("k.pem");
         write_file_atomic(&p, b"one", 0o600).unwrap();
         write_file_atomic(&p, b"two", 0o600).unwrap();

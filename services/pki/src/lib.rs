@@ -1,1 +1,29 @@
-pub fn x(){}
+//! Cluster PKI for Otherix node enrolment: the cluster CA, control-plane replica server
+//! certificates (with a disk cache), agent key/CSR generation and CSR signing, chain checks,
+//! certificate identity, and rustls mTLS configurations (ring). No network, no etcd.
+
+#![warn(missing_docs)]
+
+mod agent;
+mod ca;
+mod error;
+mod fingerprint;
+mod fsutil;
+mod names;
+mod pem;
+mod server;
+mod tls;
+mod verify;
+
+pub use agent::{AGENT_CERT_VALIDITY, MAX_CSR_PEM_BYTES, SignedAgentCert, generate_agent_key_and_csr};
+pub use ca::{CA_COMMON_NAME, CA_VALIDITY, ClusterCa};
+pub use error::{CsrError, FingerprintError, NodeNameError, PkiError, VerifyError};
+pub use fingerprint::{format_fingerprint, parse_fingerprint, sha256, to_hex};
+pub use fsutil::{ensure_dir, write_file_atomic};
+pub use names::{AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, agent_common_name, agent_dns_name, validate_node_name};
+pub use server::{
+    CP_CERT_FILE, CP_COMMON_NAME, CP_KEY_FILE, CachedServerCert, IssuedCert, REISSUE_BEFORE_EXPIRY,
+    default_server_sans, load_or_issue_server_cert,
+};
+pub use tls::{client_config_mtls, peer_identity, ring_provider, server_config_mtls};
+pub use verify::{CertInfo, cert_identity, cert_identity_der, cert_info, key_matches_cert, verify_chain};

@@ -13,22 +13,14 @@ pub const AGENT_CN_PREFIX: &str = "node-";
 
 /// Checks a node name: 1..63 of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn validate_node_name(name: &str) -> Result<(), NodeNameError> {
-    let err = |reason| {
-        Err(NodeNameError {
-            name: name.chars().take(80).collect(),
-            reason,
-        })
-    };
+    let err = |reason| Err(NodeNameError { name: name.chars().take(80).collect(), reason });
     if name.is_empty() {
         return err("must not be empty");
     }
     if name.len() > 63 {
         return err("must be at most 63 characters");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
         return err("only lowercase letters, digits and '-' are allowed");
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -70,10 +62,7 @@ impl San {
         if t.is_empty() {
             return Err("empty name");
         }
-        let unbracketed = t
-            .strip_prefix('[')
-            .and_then(|r| r.strip_suffix(']'))
-            .unwrap_or(t);
+        let unbracketed = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(t);
         if let Ok(ip) = unbracketed.parse::<IpAddr>() {
             return Ok(San::Ip(ip));
         }
@@ -85,11 +74,7 @@ impl San {
     pub(crate) fn to_rcgen(&self) -> Result<rcgen::SanType, &'static str> {
         Ok(match self {
             San::Ip(ip) => rcgen::SanType::IpAddress(*ip),
-            San::Dns(d) => rcgen::SanType::DnsName(
-                d.clone()
-                    .try_into()
-                    .map_err(|_| "not an IA5 (ASCII) string")?,
-            ),
+            San::Dns(d) => rcgen::SanType::DnsName(d.clone().try_into().map_err(|_| "not an IA5 (ASCII) string")?),
         })
     }
 }
@@ -114,10 +99,7 @@ fn validate_dns_name(name: &str) -> Result<(), &'static str> {
         if label.len() > 63 {
             return Err("DNS label longer than 63 characters");
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err("DNS names may contain only letters, digits, '-' and '.'");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -148,44 +130,18 @@ mod tests {
         for ok in ["a", "node-1", "0", "a-b-c", &"x".repeat(63)] {
             assert!(validate_node_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "A",
-            "a_b",
-            "a.b",
-            "ä",
-            "a b",
-            &"x".repeat(64),
-            "node\n",
-        ] {
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", "a b", &"x".repeat(64), "node\n"] {
             assert!(validate_node_name(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn sans_parse_and_canonicalise() {
-        assert_eq!(
-            San::parse("127.0.0.1").unwrap(),
-            San::Ip("127.0.0.1".parse().unwrap())
-        );
-        assert_eq!(
-            San::parse("[::1]").unwrap(),
-            San::Ip("::1".parse().unwrap())
-        );
-        assert_eq!(
-            San::parse("0:0::1").unwrap(),
-            San::parse("::1").unwrap()
-        );
-        assert_eq!(
-            San::parse("CP-1.Example.COM").unwrap(),
-            San::Dns("cp-1.example.com".into())
-        );
-        assert_eq!(
-            San::parse("*.example.com").unwrap(),
-            San::Dns("*.example.com".into())
-        );
+        assert_eq!(San::parse("127.0.0.1").unwrap(), San::Ip("127.0.0.1".parse().unwrap()));
+        assert_eq!(San::parse("[::1]").unwrap(), San::Ip("::1".parse().unwrap()));
+        assert_eq!(San::parse("0:0::1").unwrap(), San::parse("::1").unwrap());
+        assert_eq!(San::parse("CP-1.Example.COM").unwrap(), San::Dns("cp-1.example.com".into()));
+        assert_eq!(San::parse("*.example.com").unwrap(), San::Dns("*.example.com".into()));
         for bad in [
             "",
             " ",
@@ -208,10 +164,8 @@ mod tests {
 
     #[test]
     fn sans_dedupe() {
-        let names: Vec<String> = ["localhost", "LOCALHOST", "127.0.0.1", "::1", "0::1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let names: Vec<String> =
+            ["localhost", "LOCALHOST", "127.0.0.1", "::1", "0::1"].iter().map(|s| s.to_string()).collect();
         let sans = parse_sans(&names).unwrap();
         let shown: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         assert_eq!(shown, ["localhost", "127.0.0.1", "::1"]);

@@ -29,9 +29,8 @@ pub(crate) fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, 
     if pem.len() > MAX_PEM_BYTES {
         return Err(format!("PEM input too large ({} bytes)", pem.len()));
     }
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let certs =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
     if certs.is_empty() {
         return Err("no CERTIFICATE block found".into());
     }

@@ -64,13 +64,9 @@ pub struct CachedServerCert {
 }
 
 /// The SANs a replica cert needs: localhost, 127.0.0.1, the hostname, the non-wildcard listen
-/// IPs and the additional SANs, canonicalised and deduplicated (invalid entries are kept so
-/// that issuing reports them).
-pub fn default_server_sans(
-    hostname: &str,
-    listen_addrs: &[SocketAddr],
-    additional: &[String],
-) -> Vec<String> {
+/// IPs and the additional SANs, canonicalised and deduplicated (an invalid hostname is
+/// skipped; invalid additional SANs are kept so that issuing reports them).
+pub fn default_server_sans(hostname: &str, listen_addrs: &[SocketAddr], additional: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut push = |s: String| {
         let canon = San::parse(&s).map(|c| c.to_string()).unwrap_or(s);
@@ -80,7 +76,11 @@ pub fn default_server_sans(
     };
     push("localhost".into());
     push("127.0.0.1".into());
-    push(hostname.trim().to_string());
+    // A hostname that is not a valid DNS name (e.g. with '_') is skipped rather than
+    // making every boot fail; listen addresses and additional SANs still apply.
+    if San::parse(hostname).is_ok() {
+        push(hostname.trim().to_string());
+    }
     for a in listen_addrs {
         if !a.ip().is_unspecified() {
             push(a.ip().to_string());
@@ -99,11 +99,7 @@ fn invalid_san((name, reason): (String, &'static str)) -> PkiError {
 impl ClusterCa {
     /// Issues a replica server cert: new ECDSA P-384 key, CN `otherix-cp-replica`,
     /// EKU serverAuth + clientAuth, SANs as IPs or DNS names (invalid names refused).
-    pub fn issue_server_cert(
-        &self,
-        sans: &[String],
-        validity: Duration,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server_cert(&self, sans: &[String], validity: Duration) -> Result<IssuedCert, PkiError> {
         let now = now_utc();
         self.issue_server_cert_between(sans, now - BACKDATE, add_validity(now, validity))
     }
@@ -121,18 +117,9 @@ impl ClusterCa {
                 reason: "a server certificate needs at least one SAN",
             });
         }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
-            .map_err(|e| PkiError::KeyGen(e.to_string()))?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| PkiError::KeyGen(e.to_string()))?;
         let leaf = self
-            .issue_leaf(
-                &key,
-                &LeafSpec {
-                    common_name: CP_COMMON_NAME.to_string(),
-                    sans,
-                    not_before,
-                    not_after,
-                },
-            )
+            .issue_leaf(&key, &LeafSpec { common_name: CP_COMMON_NAME.to_string(), sans, not_before, not_after })
             .map_err(PkiError::Sign)?;
         Ok(IssuedCert {
             cert_pem: leaf.cert_pem,
@@ -149,20 +136,12 @@ fn read_optional(path: &Path) -> Result<Option<String>, PkiError> {
     match std::fs::read(path) {
         Ok(b) => Ok(String::from_utf8(b).ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(PkiError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(PkiError::Io { path: path.to_path_buf(), source }),
     }
 }
 
 /// Why a cached cert cannot be reused, or `None` when it can.
-fn reuse_problem(
-    ca: &ClusterCa,
-    cert_pem: &str,
-    key_pem: &str,
-    wanted: &[San],
-) -> Option<&'static str> {
+fn reuse_problem(ca: &ClusterCa, cert_pem: &str, key_pem: &str, wanted: &[San]) -> Option<&'static str> {
     if verify_chain(cert_pem, ca.cert_pem()).is_err() {
         return Some("not signed by the current CA or not valid now");
     }
@@ -172,18 +151,11 @@ fn reuse_problem(
     let Ok(info) = cert_info(cert_pem) else {
         return Some("unparseable certificate");
     };
-    let have: Vec<San> = info
-        .sans
-        .iter()
-        .filter_map(|s| San::parse(s).ok())
-        .collect();
+    let have: Vec<San> = info.sans.iter().filter_map(|s| San::parse(s).ok()).collect();
     if wanted.iter().any(|w| !have.contains(w)) {
         return Some("does not cover every wanted SAN");
     }
-    let left = info
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let left = info.not_after.duration_since(SystemTime::now()).unwrap_or_default();
     if left <= REISSUE_BEFORE_EXPIRY {
         return Some("expires within 30 days");
     }
@@ -203,18 +175,13 @@ pub fn load_or_issue_server_cert(
     ensure_dir(dir, 0o700)?;
     let cert_path = dir.join(CP_CERT_FILE);
     let key_path = dir.join(CP_KEY_FILE);
-    if let (Some(cert_pem), Some(key_pem)) =
-        (read_optional(&cert_path)?, read_optional(&key_path)?)
+    if let (Some(cert_pem), Some(key_pem)) = (read_optional(&cert_path)?, read_optional(&key_path)?)
         && reuse_problem(ca, &cert_pem, &key_pem, &wanted).is_none()
     {
         // Tighten the key's mode in case it was loosened by hand.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| PkiError::Io {
-                path: key_path.clone(),
-                source,
-            },
-        )?;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| PkiError::Io { path: key_path.clone(), source })?;
         let info = cert_info(&cert_pem)?;
         return Ok(CachedServerCert {
             cert: IssuedCert {
@@ -232,10 +199,7 @@ pub fn load_or_issue_server_cert(
     // Key first: a crash between the renames leaves a mismatched pair, which is reissued.
     write_file_atomic(&key_path, cert.key_pem.as_bytes(), 0o600)?;
     write_file_atomic(&cert_path, cert.cert_pem.as_bytes(), 0o644)?;
-    Ok(CachedServerCert {
-        cert,
-        reused: false,
-    })
+    Ok(CachedServerCert { cert, reused: false })
 }
 
 #[cfg(test)]
@@ -256,23 +220,10 @@ mod tests {
             "127.0.0.1:9000".parse().unwrap(),
             "[fd00::1]:8443".parse().unwrap(),
         ];
-        let sans = default_server_sans(
-            "CP-1",
-            &listen,
-            &s(&["cp.example.com", "10.0.0.5", "LOCALHOST", " "]),
-        );
-        assert_eq!(
-            sans,
-            s(&[
-                "localhost",
-                "127.0.0.1",
-                "cp-1",
-                "10.0.0.5",
-                "fd00::1",
-                "cp.example.com"
-            ])
-        );
+        let sans = default_server_sans("CP-1", &listen, &s(&["cp.example.com", "10.0.0.5", "LOCALHOST", " "]));
+        assert_eq!(sans, s(&["localhost", "127.0.0.1", "cp-1", "10.0.0.5", "fd00::1", "cp.example.com"]));
         assert_eq!(default_server_sans("", &[], &[]), s(&["localhost", "127.0.0.1"]));
+        assert_eq!(default_server_sans("bad_host", &[], &s(&["bad name"])), s(&["localhost", "127.0.0.1", "bad name"]));
     }
 
     #[test]
@@ -285,13 +236,10 @@ mod tests {
             )
             .unwrap();
         verify_chain(&c.cert_pem, ca.cert_pem()).unwrap();
-        assert_eq!(key_matches_cert(&c.cert_pem, &c.key_pem).unwrap(), true);
+        assert!(key_matches_cert(&c.cert_pem, &c.key_pem).unwrap());
         let info = cert_info(&c.cert_pem).unwrap();
         assert_eq!(info.common_name.as_deref(), Some(CP_COMMON_NAME));
-        assert_eq!(
-            info.sans,
-            s(&["localhost", "127.0.0.1", "cp-1.example.com", "::1"])
-        );
+        assert_eq!(info.sans, s(&["localhost", "127.0.0.1", "cp-1.example.com", "::1"]));
         assert_eq!(info.serial_hex, c.serial_hex);
         assert_eq!(info.fingerprint_sha256, c.fingerprint_sha256);
         assert_eq!(info.not_after, c.not_after);
@@ -323,14 +271,8 @@ mod tests {
 
         let first = load_or_issue_server_cert(&dir, &ca, &sans, year).unwrap();
         assert!(!first.reused);
-        assert_eq!(
-            std::fs::metadata(dir.join(CP_KEY_FILE)).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(std::fs::metadata(dir.join(CP_KEY_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
 
         // Same CA, same SANs: reused (a subset of SANs too, in any order or case).
         let second = load_or_issue_server_cert(&dir, &ca, &sans, year).unwrap();
@@ -356,11 +298,7 @@ mod tests {
         // Expired on disk: reissued.
         let now = now_utc();
         let expired = ca
-            .issue_server_cert_between(
-                &more,
-                now - time::Duration::days(400),
-                now - time::Duration::days(35),
-            )
+            .issue_server_cert_between(&more, now - time::Duration::days(400), now - time::Duration::days(35))
             .unwrap();
         write_file_atomic(&dir.join(CP_CERT_FILE), expired.cert_pem.as_bytes(), 0o644).unwrap();
         write_file_atomic(&dir.join(CP_KEY_FILE), expired.key_pem.as_bytes(), 0o600).unwrap();
@@ -368,9 +306,7 @@ mod tests {
         assert!(!fifth.reused);
 
         // Valid but only 10 days left: reissued.
-        let short = ca
-            .issue_server_cert(&more, Duration::from_secs(10 * 86400))
-            .unwrap();
+        let short = ca.issue_server_cert(&more, Duration::from_secs(10 * 86400)).unwrap();
         write_file_atomic(&dir.join(CP_CERT_FILE), short.cert_pem.as_bytes(), 0o644).unwrap();
         write_file_atomic(&dir.join(CP_KEY_FILE), short.key_pem.as_bytes(), 0o600).unwrap();
         assert!(!load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
@@ -385,10 +321,8 @@ mod tests {
         std::fs::remove_file(dir.join(CP_KEY_FILE)).unwrap();
         assert!(!load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
         // No temp files left behind.
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         assert_eq!(names, [CP_CERT_FILE, CP_KEY_FILE]);
     }

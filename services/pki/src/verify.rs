@@ -21,11 +21,7 @@ pub fn verify_chain(leaf_pem: &str, ca_pem: &str) -> Result<(), VerifyError> {
 }
 
 /// Like [`verify_chain`], on DER input and at a given time.
-pub(crate) fn verify_chain_der_at(
-    leaf_der: &[u8],
-    ca_der: &[u8],
-    now: ASN1Time,
-) -> Result<(), VerifyError> {
+pub(crate) fn verify_chain_der_at(leaf_der: &[u8], ca_der: &[u8], now: ASN1Time) -> Result<(), VerifyError> {
     let leaf = parse_x509(leaf_der).map_err(VerifyError::Leaf)?;
     let ca = parse_x509(ca_der).map_err(VerifyError::Ca)?;
     if !ca.is_ca() {
@@ -34,8 +30,7 @@ pub(crate) fn verify_chain_der_at(
     if leaf.issuer().as_raw() != ca.subject().as_raw() {
         return Err(VerifyError::IssuerMismatch);
     }
-    leaf.verify_signature(Some(ca.public_key()))
-        .map_err(|_| VerifyError::BadSignature)?;
+    leaf.verify_signature(Some(ca.public_key())).map_err(|_| VerifyError::BadSignature)?;
     if !ca.validity().is_valid_at(now) {
         return Err(VerifyError::CaNotValidNow);
     }
@@ -69,20 +64,13 @@ fn node_from_cn(cn: &str) -> Option<String> {
 }
 
 fn node_from_dns(dns: &str) -> Option<String> {
-    let host = dns
-        .strip_suffix(AGENT_DNS_SUFFIX)?
-        .strip_suffix('.')?
-        .strip_prefix(AGENT_CN_PREFIX)?;
+    let host = dns.strip_suffix(AGENT_DNS_SUFFIX)?.strip_suffix('.')?.strip_prefix(AGENT_CN_PREFIX)?;
     validate_node_name(host).ok()?;
     Some(host.to_string())
 }
 
 fn identity_of(cert: &X509Certificate<'_>) -> Option<String> {
-    let cns: Vec<&str> = cert
-        .subject()
-        .iter_common_name()
-        .map(|c| c.as_str().ok())
-        .collect::<Option<Vec<_>>>()?;
+    let cns: Vec<&str> = cert.subject().iter_common_name().map(|c| c.as_str().ok()).collect::<Option<Vec<_>>>()?;
     if cns.len() > 1 {
         return None;
     }
@@ -159,12 +147,7 @@ pub fn cert_info(cert_pem: &str) -> Result<CertInfo, PkiError> {
         Err(e) => return Err(PkiError::Certificate(e.to_string())),
     };
     Ok(CertInfo {
-        common_name: cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|c| c.as_str().ok())
-            .map(str::to_string),
+        common_name: cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).map(str::to_string),
         subject: cert.subject().to_string(),
         sans,
         serial_hex: serial_hex(cert.raw_serial()),
@@ -193,20 +176,41 @@ mod tests {
     fn chain_against_other_ca_fails() {
         let ca = ClusterCa::generate().unwrap();
         let other = ClusterCa::generate().unwrap();
-        let leaf = ca
-            .issue_server_cert(&["localhost".into()], Duration::from_secs(3600))
-            .unwrap();
+        let leaf = ca.issue_server_cert(&["localhost".into()], Duration::from_secs(3600)).unwrap();
         verify_chain(&leaf.cert_pem, ca.cert_pem()).unwrap();
         // Same subject name (both CAs are "otherix-cluster-ca"), different key.
-        assert_eq!(
-            verify_chain(&leaf.cert_pem, other.cert_pem()),
-            Err(VerifyError::BadSignature)
-        );
+        assert_eq!(verify_chain(&leaf.cert_pem, other.cert_pem()), Err(VerifyError::BadSignature));
         // A leaf is not a trust anchor.
-        assert_eq!(
-            verify_chain(&leaf.cert_pem, &leaf.cert_pem),
-            Err(VerifyError::NotCa)
-        );
+        assert_eq!(verify_chain(&leaf.cert_pem, &leaf.cert_pem), Err(VerifyError::NotCa));
+    }
+
+    #[test]
+    fn identity_rules() {
+        let ca = ClusterCa::generate().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let now = crate::ca::now_utc();
+        let issue = |cn: &str, sans: &[&str]| {
+            let spec = crate::ca::LeafSpec {
+                common_name: cn.to_string(),
+                sans: sans.iter().map(|s| crate::names::San::parse(s).unwrap()).collect(),
+                not_before: now,
+                not_after: now + time::Duration::hours(1),
+            };
+            ca.issue_leaf(&key, &spec).unwrap().cert_pem
+        };
+        let id = |cn: &str, sans: &[&str]| cert_identity(&issue(cn, sans));
+        assert_eq!(id("node-a", &["node-a.agents.otherix.local"]).as_deref(), Some("a"));
+        assert_eq!(id("node-a", &["10.0.0.1"]).as_deref(), Some("a"));
+        assert_eq!(id("x", &["node-b.agents.otherix.local"]).as_deref(), Some("b"));
+        // CN and SAN disagree: no identity.
+        assert_eq!(id("node-a", &["node-b.agents.otherix.local"]), None);
+        assert_eq!(id("x", &["node-a.agents.otherix.local", "node-b.agents.otherix.local"]), None);
+        // Not node names.
+        assert_eq!(id("otherix-cp-replica", &["localhost"]), None);
+        assert_eq!(id("node-", &[]), None);
+        assert_eq!(id("node-A", &[]), None);
+        assert_eq!(id("x", &["node-a.agents.otherix.local.evil.com"]), None);
+        assert_eq!(id("x", &["evil-node-a.agents.otherix.local"]), None);
     }
 
     #[test]
@@ -220,10 +224,7 @@ mod tests {
                 now - time::Duration::days(1),
             )
             .unwrap();
-        assert!(matches!(
-            verify_chain(&expired.cert_pem, ca.cert_pem()),
-            Err(VerifyError::NotValidNow { .. })
-        ));
+        assert!(matches!(verify_chain(&expired.cert_pem, ca.cert_pem()), Err(VerifyError::NotValidNow { .. })));
         let future = ca
             .issue_server_cert_between(
                 &["localhost".into()],
@@ -231,10 +232,7 @@ mod tests {
                 now + time::Duration::days(10),
             )
             .unwrap();
-        assert!(matches!(
-            verify_chain(&future.cert_pem, ca.cert_pem()),
-            Err(VerifyError::NotValidNow { .. })
-        ));
+        assert!(matches!(verify_chain(&future.cert_pem, ca.cert_pem()), Err(VerifyError::NotValidNow { .. })));
     }
 
     #[test]
