@@ -59,6 +59,72 @@ pub struct Config {
     pub storage_pools: StoragePoolsConfig,
     /// Sessions, tokens and login limits.
     pub auth: AuthConfig,
+    /// The agent listener: enrolment and heartbeats.
+    pub agent_server: AgentServerConfig,
+    /// The replica's server certificate, issued by the cluster CA.
+    pub cp_cert: CpCertConfig,
+    /// Node liveness and pressure.
+    pub nodes: NodesConfig,
+}
+
+/// The agent listener (TLS; client certificates for heartbeats).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentServerConfig {
+    /// Serve it at all.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: String,
+}
+
+/// The replica's server certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CpCertConfig {
+    /// Names and addresses added to localhost, 127.0.0.1, the hostname and the listen addresses.
+    pub additional_sans: Vec<String>,
+    /// Validity of a newly issued certificate, in days.
+    pub validity_days: u32,
+}
+
+/// Node liveness and pressure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodesConfig {
+    /// How often agents report, in seconds (sent to them with each answer).
+    pub heartbeat_interval_seconds: u32,
+    /// A ready node without a report for this long becomes unreachable.
+    pub stale_threshold_seconds: u32,
+    /// An unreachable node becomes gone after this much more time.
+    pub gone_grace_seconds: u32,
+    /// Memory or system disk below this percentage free counts as pressure.
+    pub pressure_threshold_percent: u32,
+    /// Consecutive reports under pressure before the condition is set.
+    pub pressure_consecutive_required: u32,
+}
+
+impl Default for AgentServerConfig {
+    fn default() -> Self {
+        AgentServerConfig { enabled: true, listen: "0.0.0.0:8443".into() }
+    }
+}
+
+impl Default for CpCertConfig {
+    fn default() -> Self {
+        CpCertConfig { additional_sans: Vec::new(), validity_days: 365 }
+    }
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            heartbeat_interval_seconds: 30,
+            stale_threshold_seconds: 90,
+            gone_grace_seconds: 300,
+            pressure_threshold_percent: 10,
+            pressure_consecutive_required: 3,
+        }
+    }
 }
 
 /// Sessions, tokens and login limits.
@@ -196,6 +262,9 @@ impl Default for Config {
             logger: LoggerConfig::default(),
             storage_pools: StoragePoolsConfig::default(),
             auth: AuthConfig::default(),
+            agent_server: AgentServerConfig::default(),
+            cp_cert: CpCertConfig::default(),
+            nodes: NodesConfig::default(),
         }
     }
 }
@@ -333,6 +402,19 @@ impl Config {
         if self.auth.login_rate_limit.max_failures == 0 || self.auth.login_rate_limit.window_seconds == 0 {
             return Err(key_err("auth.login_rate_limit", "max_failures and window_seconds must be at least 1"));
         }
+        if self.agent_server.enabled {
+            self.agent_listen_addr()?;
+        }
+        if self.cp_cert.validity_days == 0 {
+            return Err(key_err("cp_cert.validity_days", "must be at least 1"));
+        }
+        let n = &self.nodes;
+        if n.heartbeat_interval_seconds == 0 || n.stale_threshold_seconds < 2 * n.heartbeat_interval_seconds {
+            return Err(key_err("nodes.stale_threshold_seconds", "must be at least two heartbeat intervals"));
+        }
+        if n.pressure_threshold_percent > 100 || n.pressure_consecutive_required == 0 {
+            return Err(key_err("nodes.pressure_threshold_percent", "a percentage, with at least one consecutive report"));
+        }
         let pool = &self.storage_pools.default_pool_name;
         if !pool.is_empty() && !crate::names::is_label(pool) {
             return Err(key_err(
@@ -349,6 +431,13 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| key_err("server.listen", format!("{:?} is not an address:port", self.server.listen)))
+    }
+
+    /// The parsed agent listener address.
+    pub fn agent_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.agent_server.listen.parse().map_err(|_| {
+            key_err("agent_server.listen", format!("{:?} is not an address:port", self.agent_server.listen))
+        })
     }
 
     /// The embedded member's data dir.
