@@ -133,24 +133,34 @@ async fn console_echo(c: &mut Client, vm_id: &str, token: &str) {
     let err = second.expect_err("second console session accepted");
     assert_eq!(error_code(&err).as_deref(), Some("console_in_use"));
     let input = |s: &str| ConsoleRequest { kind: Some(console_request::Kind::Input(s.as_bytes().to_vec())) };
-    // Press enter for a fresh prompt, log in, and ask for arithmetic the echo cannot fake.
+    let mut seen = String::new();
+    // Reads the console until `needle` appears after what was seen so far.
+    async fn until(
+        out: &mut tonic::Streaming<otherix_proto::otherix::agent::v1::ConsoleResponse>,
+        seen: &mut String,
+        needle: &str,
+    ) -> bool {
+        let start = seen.len();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(Ok(m)) = out.next().await {
+                seen.push_str(&String::from_utf8_lossy(&m.output));
+                if seen[start..].contains(needle) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false)
+    }
+    // Enter for a fresh prompt, log in, then ask for arithmetic the echo cannot fake.
     tx.send(input("\n")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(until(&mut out, &mut seen, "login:").await, "no login prompt: {seen:?}");
     tx.send(input("root\n")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(until(&mut out, &mut seen, "#").await, "no shell prompt: {seen:?}");
     tx.send(input(&format!("echo {token}-$((6*7))-done\n"))).await.unwrap();
     let want = format!("{token}-42-done");
-    let mut seen = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(Ok(m)) = out.next().await {
-            seen.push_str(&String::from_utf8_lossy(&m.output));
-            if seen.contains(&want) {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let found = Ok::<bool, ()>(until(&mut out, &mut seen, &want).await);
     assert_eq!(found, Ok(true), "no {want:?} from the guest: {seen:?}");
 }
 

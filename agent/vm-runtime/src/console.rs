@@ -70,6 +70,8 @@ struct State {
     ring: Ring,
     /// Present while a QEMU serial socket is attached.
     tx: Option<broadcast::Sender<Chunk>>,
+    /// Counts attaches, so a late detach of an old socket leaves a new one alone.
+    generation: u64,
 }
 
 /// One VM's console multiplexer; outlives QEMU restarts of the VM.
@@ -86,7 +88,7 @@ impl Console {
     pub fn new(vm: String, ring_bytes: usize) -> Arc<Console> {
         Arc::new(Console {
             vm,
-            state: Mutex::new(State { ring: Ring::new(ring_bytes), tx: None }),
+            state: Mutex::new(State { ring: Ring::new(ring_bytes), tx: None, generation: 0 }),
             writer: tokio::sync::Mutex::new(None),
             interactive: AtomicBool::new(false),
         })
@@ -112,9 +114,15 @@ impl Console {
     /// `log_path` is rotated when it grows past `log_max` bytes.
     pub async fn attach(self: &Arc<Self>, stream: UnixStream, log_path: PathBuf, log_max: u64) {
         let (mut read, write) = stream.into_split();
-        *self.writer.lock().await = Some(write);
         let (tx, _) = broadcast::channel(FOLLOW_BACKLOG);
-        self.state().tx = Some(tx);
+        let generation = {
+            let mut w = self.writer.lock().await;
+            *w = Some(write);
+            let mut st = self.state();
+            st.generation += 1;
+            st.tx = Some(tx);
+            st.generation
+        };
         let me = self.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
@@ -143,13 +151,17 @@ impl Console {
                     rotate_log_if_large(&log_path, log_max);
                 }
             }
-            me.detach().await;
+            me.detach(generation).await;
         });
     }
 
-    async fn detach(&self) {
-        self.state().tx = None;
-        *self.writer.lock().await = None;
+    async fn detach(&self, generation: u64) {
+        let mut w = self.writer.lock().await;
+        let mut st = self.state();
+        if st.generation == generation {
+            st.tx = None;
+            *w = None;
+        }
     }
 
     /// A log reader: the last `tail` retained bytes (all when `None`), then,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use otherix_proto::otherix::agent::v1::{
     Accelerator, CreateVmRequest, ImageFormat, Pool, Task, TaskError, TaskKind, TaskProgress, TaskState, Vm, VmPhase,
@@ -33,8 +33,10 @@ const MAX_USER_DATA: usize = 1 << 20;
 const MAX_NETWORK_CONFIG: usize = 64 << 10;
 /// Bound on any single QMP command.
 const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// A guest RESET within this long after a host RESET belongs to the same reset.
-const RESET_PAIR_WINDOW: Duration = Duration::from_secs(2);
+/// RESET events closer together than this are one reset: after a host reset
+/// SeaBIOS resets the machine itself once or more (measured here: one to four
+/// guest RESETs within ~120 ms), far sooner than any guest could boot and reboot.
+const RESET_BURST_WINDOW: Duration = Duration::from_secs(3);
 /// Longest GetTask wait.
 const MAX_TASK_WAIT: Duration = Duration::from_secs(60);
 
@@ -1049,7 +1051,7 @@ async fn monitor(
     let span = info_span!("vm.monitor", vm = %vm.id, pid);
     async move {
         let mut shutdown: Option<(bool, String)> = None;
-        let mut last_host_reset: Option<Instant> = None;
+        let mut last_reset: Option<i64> = None;
         let exit_fut = exit.wait();
         tokio::pin!(exit_fut);
         let mut events_open = true;
@@ -1057,7 +1059,7 @@ async fn monitor(
             tokio::select! {
                 st = &mut exit_fut => break st,
                 ev = events.recv(), if events_open => match ev {
-                    Ok(ev) => on_event(&vm, &qmp, &ev, &mut shutdown, &mut last_host_reset).await,
+                    Ok(ev) => on_event(&vm, &qmp, &ev, &mut shutdown, &mut last_reset).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => warn!(lost = n, "qmp events lost"),
                     Err(broadcast::error::RecvError::Closed) => events_open = false,
                 },
@@ -1065,10 +1067,22 @@ async fn monitor(
         };
         // Drain events that arrived just before the exit (the SHUTDOWN).
         while let Ok(ev) = events.try_recv() {
-            on_event(&vm, &qmp, &ev, &mut shutdown, &mut last_host_reset).await;
+            on_event(&vm, &qmp, &ev, &mut shutdown, &mut last_reset).await;
+        }
+        let ours = {
+            let mut p = lock(&vm.proc_);
+            let ours = p.as_ref().is_some_and(|p| p.pid == pid);
+            if ours {
+                *p = None;
+            }
+            ours
+        };
+        if !ours {
+            // A newer QEMU already took over the VM; its own monitor speaks for it.
+            let _ = exited.send(true);
+            return;
         }
         let intent = lock(&vm.intent).take();
-        *lock(&vm.proc_) = None;
         let (phase, why, msg) = match (intent, &shutdown) {
             (Some(Intent::Stop), _) => (VmPhase::Stopped, reason::STOPPED.to_string(), String::new()),
             (Some(Intent::Poweroff), _) => (VmPhase::Stopped, reason::POWERED_OFF.to_string(), String::new()),
@@ -1104,7 +1118,7 @@ async fn on_event(
     qmp: &Qmp,
     ev: &Event,
     shutdown: &mut Option<(bool, String)>,
-    last_host_reset: &mut Option<Instant>,
+    last_reset: &mut Option<i64>,
 ) {
     match ev.name.as_str() {
         "SHUTDOWN" => {
@@ -1128,15 +1142,11 @@ async fn on_event(
             vm.set_phase(VmPhase::Running, "", "");
         }
         "RESET" => {
-            let guest = ev.data.get("guest").and_then(serde_json::Value::as_bool).unwrap_or(false);
-            let paired = guest && last_host_reset.is_some_and(|t| t.elapsed() < RESET_PAIR_WINDOW);
-            if guest {
-                *last_host_reset = None;
-            } else {
-                *last_host_reset = Some(Instant::now());
-            }
-            // The firmware's own reset right after a host reset is the same reboot.
-            if !paired {
+            // QEMU's own timestamps: the agent may read the events late.
+            let window = RESET_BURST_WINDOW.as_micros() as i64;
+            let same_burst = last_reset.is_some_and(|t| ev.timestamp_us - t < window);
+            *last_reset = Some(ev.timestamp_us);
+            if !same_burst {
                 vm.update(|r| r.reset_count += 1);
             }
         }

@@ -28,6 +28,14 @@ async fn expect(s: &mut Session, needle: &str) -> String {
     seen
 }
 
+/// Logs in as root on a fresh prompt (Enter first, so the prompt is this boot's).
+async fn login(s: &mut Session) {
+    s.write(b"\n").await.unwrap();
+    expect(s, "login:").await;
+    s.write(b"root\n").await.unwrap();
+    expect(s, "#").await;
+}
+
 async fn phase(env: &Env, id: &str) -> VmPhase {
     VmPhase::try_from(env.rt.get_vm(id).await.unwrap().phase).unwrap()
 }
@@ -66,8 +74,7 @@ async fn lifecycle_verbs_on_a_real_vm() {
     wait_log(&env.rt, &id, "life-vm login:", 1).await;
     let mut con = env.rt.open_console(&id).unwrap();
     assert_eq!(env.rt.open_console(&id).unwrap_err().code(), "console_in_use");
-    con.write(b"root\n").await.unwrap();
-    expect(&mut con, "#").await;
+    login(&mut con).await;
     con.write(b"echo hello-$((6*7))-done\n").await.unwrap();
     expect(&mut con, "hello-42-done").await;
 
@@ -84,10 +91,20 @@ async fn lifecycle_verbs_on_a_real_vm() {
     expect(&mut con, "paused-42-done").await;
 
     // Reset: the guest boots again in the same process; two RESET events count once.
+    let watcher = ops_qmp(&env.rt, &id).await;
+    let mut events = watcher.events();
     assert_ok(&finish(&env.rt, env.rt.reset_vm("t-reset", &id).await.unwrap()).await);
     wait_log(&env.rt, &id, BOOT_MARKER, 2).await;
     let vm = env.rt.get_vm(&id).await.unwrap();
-    assert_eq!(vm.reset_count, 1);
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push((ev.name, ev.data, ev.timestamp_us));
+    }
+    // The ops monitor takes one client at a time.
+    drop(events);
+    drop(watcher);
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert_eq!(vm.reset_count, 1, "events {seen:?}");
     assert_eq!(vm.pid, first_pid);
     assert_eq!(qmp_status(&env.rt, &id).await, "running");
     drop(con);
@@ -112,10 +129,10 @@ async fn lifecycle_verbs_on_a_real_vm() {
     assert_eq!(qemu_pids(&id), vec![second_pid]);
 
     // Stop timeout: with the guest's ACPI daemon gone, stop fails and the VM keeps running.
-    wait_log(&env.rt, &id, "life-vm login:", 2).await;
+    // Prompts so far: first boot, the reset, this start.
+    wait_log(&env.rt, &id, "life-vm login:", 3).await;
     let mut con = env.rt.open_console(&id).unwrap();
-    con.write(b"root\n").await.unwrap();
-    expect(&mut con, "#").await;
+    login(&mut con).await;
     con.write(b"killall acpid; echo acpid-$((1+1))-gone\n").await.unwrap();
     expect(&mut con, "acpid-2-gone").await;
     drop(con);
@@ -173,8 +190,7 @@ async fn guest_initiated_poweroff_shows_as_stopped() {
     let l = wait_log(&env.rt, &id, "guest-off login:", 1).await;
     assert!(l.contains("network-config present (4 lines)"), "{l}");
     let mut con = env.rt.open_console(&id).unwrap();
-    con.write(b"root\n").await.unwrap();
-    expect(&mut con, "#").await;
+    login(&mut con).await;
     con.write(b"poweroff\n").await.unwrap();
     otherix_agent_testkit::wait_for("guest power-off", Duration::from_secs(60), || async {
         let vm = env.rt.get_vm(&id).await.unwrap();
