@@ -160,8 +160,7 @@ async fn console_echo(c: &mut Client, vm_id: &str, token: &str) {
     assert!(until(&mut out, &mut seen, "#").await, "no shell prompt: {seen:?}");
     tx.send(input(&format!("echo {token}-$((6*7))-done\n"))).await.unwrap();
     let want = format!("{token}-42-done");
-    let found = Ok::<bool, ()>(until(&mut out, &mut seen, &want).await);
-    assert_eq!(found, Ok(true), "no {want:?} from the guest: {seen:?}");
+    assert!(until(&mut out, &mut seen, &want).await, "no {want:?} from the guest: {seen:?}");
 }
 
 /// The session id of a process (field 6 of /proc/<pid>/stat).
