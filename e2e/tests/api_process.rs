@@ -24,7 +24,7 @@ impl Drop for Api {
 fn write_config(dir: &Path, port: u16, client: u16, peer: u16) -> std::path::PathBuf {
     let path = dir.join("api.yaml");
     let text = format!(
-        "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\nlogger:\n  level: info\n",
+        "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:0\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\nlogger:\n  level: info\n",
         state = dir.join("state").display()
     );
     std::fs::write(&path, text).unwrap();

@@ -63,7 +63,7 @@ async fn a_generated_python_client_logs_in_creates_a_token_and_lists_users() {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n",
+            "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:0\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n",
             dir.path().join("state").display()
         ),
     )

@@ -147,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         config.server.listen = "127.0.0.1:0".into();
         config.etcd.endpoints = vec![etcd.endpoint()];
         config.logger.level = "warn".into();
+        config.agent_server.enabled = false;
         let admin = BootstrapAdmin { email: String::new(), username: ADMIN.into(), password: PASSWORD.into() };
         let options = otherix_api::StartOptions { bootstrap_admin: Some(admin) };
         let api = otherix_api::ApiServer::start_with(config, options).await?;

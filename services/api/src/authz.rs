@@ -12,6 +12,7 @@ use otherix_errors::{ApiError, ErrorCode};
 
 use crate::access::AccessTable;
 use crate::identity::Identity;
+use crate::nodes::PeerCert;
 
 /// What the layer needs.
 #[derive(Debug, Clone)]
@@ -59,7 +60,13 @@ pub async fn authorize(State(st): State<AuthzState>, mut req: Request<Body>, nex
     if rule.agent || rule.control_plane {
         // Agent-plane RPCs authenticate by client certificate on the agent
         // listener; a user token never opens them.
-        let e = ApiError::new(ErrorCode::Unauthenticated, "this RPC needs an enrolled agent's client certificate");
+        let node = req.extensions().get::<PeerCert>().and_then(|p| p.node_name.clone());
+        if let (true, Some(node)) = (rule.agent, node) {
+            tracing::Span::current().record("caller", format!("node:{node}").as_str());
+            return next.run(req).await;
+        }
+        let e = ApiError::new(ErrorCode::Unauthenticated, "this RPC needs an enrolled agent's client certificate")
+            .with_detail("reason", "cert_untrusted");
         return grpc_error(ct.as_ref(), &e);
     }
     let Some(token) = bearer(&req) else {

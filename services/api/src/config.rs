@@ -413,7 +413,10 @@ impl Config {
             return Err(key_err("nodes.stale_threshold_seconds", "must be at least two heartbeat intervals"));
         }
         if n.pressure_threshold_percent > 100 || n.pressure_consecutive_required == 0 {
-            return Err(key_err("nodes.pressure_threshold_percent", "a percentage, with at least one consecutive report"));
+            return Err(key_err(
+                "nodes.pressure_threshold_percent",
+                "a percentage, with at least one consecutive report",
+            ));
         }
         let pool = &self.storage_pools.default_pool_name;
         if !pool.is_empty() && !crate::names::is_label(pool) {

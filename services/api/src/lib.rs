@@ -9,6 +9,7 @@ pub mod health;
 pub mod idempotency;
 pub mod identity;
 pub mod names;
+pub mod nodes;
 pub mod rpc;
 pub mod server;
 pub mod store_error;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use otherix_etcd_member::{Member, MemberConfig};
 use otherix_store::Store;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::Config;
@@ -50,6 +50,9 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The agent listener's certificate could not be made.
+    #[error("agent listener certificate: {0}")]
+    Pki(String),
     /// The bootstrap admin could not be created.
     #[error("bootstrap admin: {0}")]
     Bootstrap(String),
@@ -66,8 +69,10 @@ pub struct StartOptions {
 #[derive(Debug)]
 pub struct ApiServer {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    agent_addr: Option<SocketAddr>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
     serve: Option<JoinHandle<()>>,
+    agent_serve: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     member: Option<Member>,
 }
@@ -89,7 +94,14 @@ impl ApiServer {
         let store = Store::connect(&endpoints, Duration::from_secs(config.etcd.request_timeout_seconds)).await?;
         let identity = std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth));
         prepare_identity(&identity, &options).await?;
-        let app = server::build_router(&config, store.clone(), identity).await?;
+        let ca = nodes::ensure_ca(&store).await?;
+        let hub = std::sync::Arc::new(nodes::NodeHub::new(
+            store.clone(),
+            ca,
+            config.nodes.clone(),
+            config.storage_pools.default_pool_name.clone(),
+        ));
+        let app = server::build_router(&config, store.clone(), identity.clone(), hub.clone()).await?;
         let tls = match &config.server.tls {
             Some(t) => Some(server::tls_config(&t.cert_file, &t.key_file)?),
             None => None,
@@ -109,18 +121,42 @@ impl ApiServer {
                 }
             })
         };
-        let (stop_tx, stop_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+        let mut stopped = stop_rx.clone();
         let serve = tokio::spawn(async move {
-            server::serve(listener, app, tls, async { drop(stop_rx.await) }, grace).await;
+            server::serve(listener, app, tls, async move { drop(stopped.wait_for(|s| *s).await) }, grace).await;
         });
-        tracing::info!(%addr, tls = config.server.tls.is_some(), embedded_etcd = member.is_some(), "otherix-api serving");
-        Ok(ApiServer { addr, stop: Some(stop_tx), serve: Some(serve), background: vec![seed], member })
+        let background = vec![seed, tokio::spawn(nodes::liveness::run(hub.clone()))];
+        let mut agent_addr = None;
+        let mut agent_serve = None;
+        if config.agent_server.enabled {
+            let (agent_listener, agent_tls, agent_app) = server::agent_listener(&config, addr, identity, hub).await?;
+            agent_addr = Some(agent_listener.local_addr().map_err(|source| StartError::Bind { addr, source })?);
+            let mut stopped = stop_rx.clone();
+            agent_serve = Some(tokio::spawn(async move {
+                server::serve(
+                    agent_listener,
+                    agent_app,
+                    Some(agent_tls),
+                    async move { drop(stopped.wait_for(|s| *s).await) },
+                    grace,
+                )
+                .await;
+            }));
+        }
+        tracing::info!(%addr, ?agent_addr, tls = config.server.tls.is_some(), embedded_etcd = member.is_some(), "otherix-api serving");
+        Ok(ApiServer { addr, agent_addr, stop: Some(stop_tx), serve: Some(serve), agent_serve, background, member })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound agent listener address, when it is enabled.
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        self.agent_addr
     }
 
     /// The embedded member's pid, when one runs.
@@ -131,12 +167,13 @@ impl ApiServer {
     /// Stops serving (letting calls in flight finish), then stops the member.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        if let Some(serve) = self.serve.take() {
+        for serve in [self.serve.take(), self.agent_serve.take()].into_iter().flatten() {
             let _ = serve.await;
         }
         for t in self.background.drain(..) {
+            // The agent listener drains like the user listener; loops just stop.
             t.abort();
         }
         if let Some(m) = self.member.take() {

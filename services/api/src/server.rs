@@ -27,13 +27,25 @@ use crate::identity::Identity;
 use crate::identity::api_tokens::ApiTokenServiceImpl;
 use crate::identity::service_auth::AuthServiceImpl;
 use crate::identity::service_users::UserServiceImpl;
+use crate::nodes::enrolment::EnrolmentServiceImpl;
+use crate::nodes::heartbeat::HeartbeatServiceImpl;
+use crate::nodes::service::NodeServiceImpl;
+use crate::nodes::{NodeHub, PeerCert};
 use crate::{StartError, authz, health, idempotency, rpc};
+use otherix_proto::otherix::agent::v1::enrolment_service_server::EnrolmentServiceServer;
+use otherix_proto::otherix::agent::v1::heartbeat_service_server::HeartbeatServiceServer;
 use otherix_proto::v1::api_token_service_server::ApiTokenServiceServer;
 use otherix_proto::v1::auth_service_server::AuthServiceServer;
+use otherix_proto::v1::node_service_server::NodeServiceServer;
 use otherix_proto::v1::user_service_server::UserServiceServer;
 
 /// Builds the whole application router.
-pub async fn build_router(config: &Config, store: Store, identity: Arc<Identity>) -> Result<axum::Router, StartError> {
+pub async fn build_router(
+    config: &Config,
+    store: Store,
+    identity: Arc<Identity>,
+    hub: Arc<NodeHub>,
+) -> Result<axum::Router, StartError> {
     let pool =
         DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
     let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
@@ -44,6 +56,8 @@ pub async fn build_router(config: &Config, store: Store, identity: Arc<Identity>
     reporter.set_serving::<AuthServiceServer<AuthServiceImpl>>().await;
     reporter.set_serving::<UserServiceServer<UserServiceImpl>>().await;
     reporter.set_serving::<ApiTokenServiceServer<ApiTokenServiceImpl>>().await;
+    reporter.set_serving::<NodeServiceServer<NodeServiceImpl>>().await;
+    reporter.set_serving::<EnrolmentServiceServer<EnrolmentServiceImpl>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -61,12 +75,16 @@ pub async fn build_router(config: &Config, store: Store, identity: Arc<Identity>
     let auth = AuthServiceServer::new(AuthServiceImpl::new(identity.clone())).max_decoding_message_size(max);
     let users = UserServiceServer::new(UserServiceImpl::new(identity.clone())).max_decoding_message_size(max);
     let tokens = ApiTokenServiceServer::new(ApiTokenServiceImpl::new(identity.clone())).max_decoding_message_size(max);
+    let node_svc = NodeServiceServer::new(NodeServiceImpl::new(hub.clone())).max_decoding_message_size(max);
+    let enrol = EnrolmentServiceServer::new(EnrolmentServiceImpl::new(hub)).max_decoding_message_size(max);
     let authz = AuthzState { access: access.clone(), identity };
     let idem = IdempotencyState::new(store.clone(), &pool, &access, max);
     let grpc = tonic::service::Routes::new(web.layer(cluster))
         .add_service(web.layer(auth))
         .add_service(web.layer(users))
         .add_service(web.layer(tokens))
+        .add_service(web.layer(node_svc))
+        .add_service(web.layer(enrol))
         .add_service(web.layer(health_service))
         .add_service(web.layer(reflection_v1))
         .add_service(web.layer(reflection_v1alpha))
@@ -110,6 +128,69 @@ pub async fn build_router(config: &Config, store: Store, identity: Arc<Identity>
         }
     });
     Ok(health_routes.fallback_service(dispatch))
+}
+
+/// The agent listener: TLS with the replica's certificate from the cluster CA
+/// (client certificates optional, verified when sent), serving enrolment,
+/// heartbeats and `/healthz`.
+pub async fn agent_listener(
+    config: &Config,
+    user_addr: std::net::SocketAddr,
+    identity: Arc<Identity>,
+    hub: Arc<NodeHub>,
+) -> Result<(TcpListener, Arc<rustls::ServerConfig>, axum::Router), StartError> {
+    let addr = config.agent_listen_addr()?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let sans = otherix_pki::default_server_sans(hostname.trim(), &[user_addr, bound], &config.cp_cert.additional_sans);
+    let validity = Duration::from_secs(u64::from(config.cp_cert.validity_days) * 24 * 3600);
+    let cert = otherix_pki::load_or_issue_server_cert(&config.state_dir.join("pki"), hub.ca(), &sans, validity)
+        .map_err(|e| StartError::Pki(e.to_string()))?;
+    tracing::info!(reused = cert.reused, serial = %cert.cert.serial_hex, ?sans, "agent listener certificate");
+    let tls = otherix_pki::server_config_mtls(&cert.cert.cert_pem, &cert.cert.key_pem, hub.ca().cert_pem(), false)
+        .map_err(|e| StartError::Pki(e.to_string()))?;
+
+    let pool =
+        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
+    let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
+    let max = 16 * 1024 * 1024;
+    let enrol = EnrolmentServiceServer::new(EnrolmentServiceImpl::new(hub.clone())).max_decoding_message_size(max);
+    let beats = HeartbeatServiceServer::new(HeartbeatServiceImpl::new(hub)).max_decoding_message_size(max);
+    let grpc = tonic::service::Routes::new(enrol)
+        .add_service(beats)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(AuthzState { access: access.clone(), identity }, authz::authorize))
+        .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
+    let routes = routes_from_pool(&pool, "otherix.agent.").map_err(|e| StartError::Contract(e.to_string()))?;
+    let gateway = Gateway::new(
+        routes,
+        grpc.clone(),
+        GatewayConfig {
+            max_body_bytes: max,
+            request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
+        },
+    );
+    let dispatch = tower::service_fn(move |req: Request<Body>| {
+        let (grpc, gateway) = (grpc.clone(), gateway.clone());
+        async move {
+            let is_grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/grpc"));
+            let resp: Response<Body> = if is_grpc {
+                grpc.oneshot(req).await.unwrap_or_else(|never| match never {})
+            } else if req.uri().path().starts_with("/v1/") {
+                gateway.handle(req).await
+            } else {
+                error_response(&not_found(req.uri().path()))
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch);
+    Ok((listener, Arc::new(tls), app))
 }
 
 /// Loads a PEM certificate chain and key into a TLS config offering h2 and http/1.1.
@@ -161,17 +242,24 @@ pub async fn serve(
         };
         // Without TCP_NODELAY the first gRPC call on a connection waits ~40 ms.
         let _ = stream.set_nodelay(true);
-        // Every request carries the peer address, for logs and tonic's remote_addr().
-        let svc = TowerToHyperService::new(app.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            req.extensions_mut()
-                .insert(tonic::transport::server::TcpConnectInfo { local_addr: local, remote_addr: Some(peer) });
-            req
-        }));
+        // Every request carries the peer address (for logs and tonic's
+        // remote_addr()) and, on TLS, the client certificate's identity.
+        let app = app.clone();
+        let make_svc = move |cert: Option<PeerCert>| {
+            TowerToHyperService::new(app.map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                req.extensions_mut()
+                    .insert(tonic::transport::server::TcpConnectInfo { local_addr: local, remote_addr: Some(peer) });
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                req
+            }))
+        };
         let builder = auto::Builder::new(TokioExecutor::new());
         match &acceptor {
             None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), make_svc(None)).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -191,7 +279,11 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).into_owned();
+                    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|der| PeerCert {
+                        node_name: otherix_pki::cert_identity_der(der.as_ref()),
+                        fingerprint: otherix_pki::to_hex(&otherix_pki::sha256(der.as_ref())),
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), make_svc(cert)).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }

@@ -169,7 +169,8 @@ async fn grpc_web_over_http1() {
 #[tokio::test]
 async fn readyz_fails_while_the_store_is_down() {
     let h = Harness::start().await;
-    let Harness { etcd, api, base, http, .. } = h;
+    let Harness { etcd, api, base, http, state, .. } = h;
+    let _state = state;
     drop(etcd);
     let mut last = 0;
     for _ in 0..100 {

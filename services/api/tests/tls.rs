@@ -61,7 +61,7 @@ async fn one_tls_listener_serves_grpc_and_rest() {
     ]);
 
     let etcd = TestEtcd::start().await;
-    let mut config = common::config(&etcd);
+    let mut config = common::config(&etcd, dir.path());
     config.server.tls = Some(TlsConfig { cert_file: crt.clone(), key_file: key });
     let api = ApiServer::start_with(config, common::options()).await.unwrap();
     let port = api.addr().port();

@@ -98,6 +98,8 @@ error_codes! {
     DefaultPoolNotSet = ("default_pool_not_set", InvalidArgument, 400),
     /// The named storage pool does not exist.
     PoolNotFound = ("pool_not_found", InvalidArgument, 400),
+    /// The node is gone; only readmit brings it back.
+    NodeGone = ("node_gone", FailedPrecondition, 409),
 }
 
 /// An error as it leaves the API: a documented code, a message for people and

@@ -15,6 +15,7 @@ pub const ADMIN_EMAIL: &str = "admin@otherix.local";
 pub const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
 
 pub struct Harness {
+    pub state: tempfile::TempDir,
     pub etcd: TestEtcd,
     pub api: ApiServer,
     pub base: String,
@@ -25,11 +26,12 @@ pub struct Harness {
     pub admin_token: String,
 }
 
-pub fn config(etcd: &TestEtcd) -> Config {
+pub fn config(etcd: &TestEtcd, state: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".into();
+    c.agent_server.listen = "127.0.0.1:0".into();
     c.etcd.endpoints = vec![etcd.endpoint()];
-    c.state_dir = std::env::temp_dir();
+    c.state_dir = state.to_owned();
     c
 }
 
@@ -72,14 +74,15 @@ impl Harness {
     pub async fn start_config(tune: impl FnOnce(&mut Config)) -> Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let etcd = TestEtcd::start().await;
-        let mut c = config(&etcd);
+        let state = tempfile::tempdir().unwrap();
+        let mut c = config(&etcd, state.path());
         tune(&mut c);
         let api = ApiServer::start_with(c, options()).await.expect("api starts");
         let base = format!("http://{}", api.addr());
         let anon = reqwest::Client::new();
         let admin_token = login(&anon, &base, ADMIN, ADMIN_PASSWORD).await["access_token"].as_str().unwrap().to_owned();
         let http = client_with(&admin_token);
-        Harness { etcd, api, base, http, anon, admin_token }
+        Harness { state, etcd, api, base, http, anon, admin_token }
     }
 
     pub fn url(&self, path: &str) -> String {
