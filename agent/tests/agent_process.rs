@@ -328,6 +328,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     drop(c);
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid_a).unwrap(), rustix::process::Signal::KILL)
         .unwrap();
+    wait_for("qemu a to end", Duration::from_secs(10), || async { (!pid_alive_as_vm(pid_a, &a)).then_some(()) }).await;
     let _agent3 = Agent::start(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
     let v = c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() }).await.unwrap().into_inner();

@@ -864,7 +864,7 @@ impl Runtime {
                 intent: Mutex::new(None),
             });
             let pid = read_pidfile(&dir.join(vm_files::PIDFILE)).unwrap_or(rec.pid);
-            let alive = pid > 0 && qemu::pid_runs_vm(pid, &id);
+            let mut alive = pid > 0 && qemu::pid_runs_vm(pid, &id);
             let phase = VmPhase::try_from(rec.phase).unwrap_or(VmPhase::Unspecified);
             if matches!(phase, VmPhase::Creating | VmPhase::Deleting) {
                 info!(vm = %id, ?phase, "finishing an interrupted create/delete: removing the vm");
@@ -877,12 +877,18 @@ impl Runtime {
             if alive {
                 match self.adopt(&vm, pid).await {
                     Ok(()) => info!(vm = %id, pid, "re-adopted running qemu"),
+                    Err(e) if !still_running(pid, &id).await => {
+                        // It was on its way out (killed just before we looked).
+                        info!(vm = %id, pid, error = %e, "qemu ended while being re-adopted");
+                        alive = false;
+                    }
                     Err(e) => {
                         error!(vm = %id, pid, error = %e, "cannot re-adopt qemu");
                         vm.set_phase(VmPhase::Failed, "adopt_failed", &e.to_string());
                     }
                 }
-            } else if matches!(phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopping) {
+            }
+            if !alive && matches!(phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopping) {
                 vm.update(|r| {
                     r.phase = VmPhase::Stopped as i32;
                     r.reason = reason::PROCESS_GONE.into();
@@ -977,6 +983,17 @@ async fn live_view(vm: &VmHandle) -> Vm {
         r.qmp_status = st.status;
     }
     r
+}
+
+/// Whether `pid` still runs the VM a second from now (a dying process is given time to go).
+async fn still_running(pid: i32, id: &Uuid) -> bool {
+    for _ in 0..10 {
+        if !qemu::pid_runs_vm(pid, id) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
 }
 
 fn read_pidfile(path: &Path) -> Option<i32> {
