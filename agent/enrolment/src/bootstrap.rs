@@ -17,8 +17,10 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tracing::{Instrument as _, debug, info_span};
 
-use crate::error::{BootstrapError, chain};
-use crate::transport::{CpUrl, host_architecture, normalize_architecture, parse_cp_url, pinned_endpoint, unverified_channel};
+use crate::error::{BootstrapError, chain, extend_chain};
+use crate::transport::{
+    CpUrl, host_architecture, normalize_architecture, parse_cp_url, pinned_endpoint, unverified_channel,
+};
 
 /// File name of the agent certificate in the cert dir.
 pub const CERT_FILE: &str = "agent.crt";
@@ -217,8 +219,6 @@ fn existing(paths: &MaterialPaths) -> Result<Existing, BootstrapError> {
         present: present.clone(),
         missing_kind,
         missing: missing.clone(),
-        cert: paths.cert.clone(),
-        key: paths.key.clone(),
         ca: paths.ca.clone(),
     };
     match (exists(&paths.cert)?, exists(&paths.key)?) {
@@ -258,8 +258,8 @@ pub fn load_material(cert_dir: &Path) -> Result<Option<Material>, BootstrapError
     }
     verify_chain(&cert_pem, &ca_pem)
         .map_err(|e| invalid(format!("{} against {}: {e}", paths.cert.display(), paths.ca.display())))?;
-    let node_name = cert_identity(&cert_pem)
-        .ok_or_else(|| invalid(format!("{} names no node", paths.cert.display())))?;
+    let node_name =
+        cert_identity(&cert_pem).ok_or_else(|| invalid(format!("{} names no node", paths.cert.display())))?;
     let not_after = cert_info(&cert_pem).map_err(|e| invalid(e.to_string()))?.not_after;
     Ok(Some(Material { cert_pem, key_pem, ca_pem, node_name, not_after, paths }))
 }
@@ -291,15 +291,7 @@ fn single_cert(pem: &str) -> Result<CertificateDer<'static>, String> {
 
 /// `Code: message`, plus the transport cause when the message does not already say it.
 pub(crate) fn status_text(status: &tonic::Status) -> String {
-    let mut s = format!("{:?}: {}", status.code(), status.message());
-    if let Some(src) = std::error::Error::source(status) {
-        let c = chain(src);
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-    }
-    s
+    extend_chain(format!("{:?}: {}", status.code(), status.message()), std::error::Error::source(status))
 }
 
 /// Whether a status is the transport's (no answer from the service) rather than a refusal.
@@ -326,8 +318,9 @@ async fn with_timeout<T>(
 async fn fetch_ca(cp: &CpUrl, pinned: &[u8; 32], opts: &BootstrapOptions) -> Result<String, BootstrapError> {
     let proto = |m: String| BootstrapError::Protocol(format!("fetch /v1/ca: {m}"));
     let resp = with_timeout(opts.connect_timeout + opts.request_timeout, "fetch /v1/ca", async {
-        let channel =
-            unverified_channel(cp, opts.connect_timeout).await.map_err(|e| proto(format!("connect {cp}: {}", chain(&e))))?;
+        let channel = unverified_channel(cp, opts.connect_timeout)
+            .await
+            .map_err(|e| proto(format!("connect {cp}: {}", chain(&e))))?;
         EnrolmentServiceClient::new(channel)
             .get_ca(GetCaRequest {})
             .await
@@ -363,9 +356,8 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> Result<BootstrapOutcome, Boot
     let node_name = opts.node_name.trim().to_string();
     validate_node_name(&node_name).map_err(|e| BootstrapError::Config(e.to_string()))?;
     let architecture = match &opts.architecture {
-        Some(a) => normalize_architecture(a).ok_or_else(|| {
-            BootstrapError::Config(format!("architecture {a:?}: expected amd64 or arm64"))
-        })?,
+        Some(a) => normalize_architecture(a)
+            .ok_or_else(|| BootstrapError::Config(format!("architecture {a:?}: expected amd64 or arm64")))?,
         None => host_architecture()?,
     };
     let token = opts.token.resolve()?;

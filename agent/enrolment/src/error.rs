@@ -23,8 +23,9 @@ pub enum BootstrapError {
 
     /// Exactly one of the agent certificate and key exists.
     #[error(
-        "partial bootstrap state: {present_kind} {present} exists but {missing_kind} {missing} missing; \
-         delete {cert}, {key} and {ca}, mint a fresh join token and bootstrap again"
+        "partial bootstrap state: {present_kind} {} exists but {missing_kind} {} missing; \
+         delete {}, {} and {}, mint a fresh join token and bootstrap again",
+        present.display(), missing.display(), present.display(), missing.display(), ca.display()
     )]
     PartialState {
         /// `cert` or `key`: which one exists.
@@ -35,11 +36,7 @@ pub enum BootstrapError {
         missing_kind: &'static str,
         /// The path that is missing.
         missing: PathBuf,
-        /// The certificate path (`agent.crt`).
-        cert: PathBuf,
-        /// The key path (`agent.key`).
-        key: PathBuf,
-        /// The CA path (`ca.crt`).
+        /// The CA path (`ca.crt`), also to delete.
         ca: PathBuf,
     },
 
@@ -102,10 +99,14 @@ impl BootstrapError {
     }
 }
 
-/// Renders an error with its whole `source()` chain, `a: b: c`, skipping repeats.
+/// Renders an error with its whole `source()` chain, `a: b: c`, skipping parts already said.
 pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
+    extend_chain(err.to_string(), err.source())
+}
+
+/// Appends the messages of `source` and its sources to `out`, skipping parts already said.
+pub(crate) fn extend_chain(mut out: String, source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut cur = source;
     while let Some(e) = cur {
         let s = e.to_string();
         if !out.contains(&s) {

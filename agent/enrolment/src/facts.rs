@@ -261,7 +261,7 @@ flags\t\t: fpu vme de pse vmx sse\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon
     fn cpuinfo() {
         assert_eq!(parse_cpuinfo(CPUINFO), (2, "Intel(R) Xeon(R) CPU @ 2.20GHz".to_string(), true));
         assert_eq!(parse_cpuinfo("processor : 0\nflags : fpu sse vmxx\n"), (1, String::new(), false));
-        assert_eq!(parse_cpuinfo("processor : 0\nflags : svm\n").2, true);
+        assert!(parse_cpuinfo("processor : 0\nflags : svm\n").2);
         assert_eq!(parse_cpuinfo(""), (0, String::new(), false));
     }
 

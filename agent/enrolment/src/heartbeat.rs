@@ -142,9 +142,11 @@ impl HeartbeatError {
 /// The `google.rpc.ErrorInfo.reason` of a status, if it carries one.
 fn error_reason(status: &tonic::Status) -> Option<String> {
     let decoded = rpc::Status::decode(status.details()).ok()?;
-    decoded.details.iter().find(|a| a.type_url.ends_with("/google.rpc.ErrorInfo")).and_then(|a| {
-        rpc::ErrorInfo::decode(a.value.as_slice()).ok().map(|i| i.reason)
-    })
+    decoded
+        .details
+        .iter()
+        .find(|a| a.type_url.ends_with("/google.rpc.ErrorInfo"))
+        .and_then(|a| rpc::ErrorInfo::decode(a.value.as_slice()).ok().map(|i| i.reason))
 }
 
 fn classify(status: &tonic::Status) -> HeartbeatError {
@@ -232,6 +234,7 @@ enum SessionEnd {
 /// The heartbeat client. Build it with [`HeartbeatClient::new`], then `run` it until shutdown.
 pub struct HeartbeatClient {
     cp: CpUrl,
+    material: Material,
     endpoint: Endpoint,
     node_name: String,
     facts: Arc<dyn FactsProvider>,
@@ -264,6 +267,7 @@ impl HeartbeatClient {
         let endpoint = Self::endpoint(&cp, material, &config)?;
         Ok(HeartbeatClient {
             cp,
+            material: material.clone(),
             endpoint,
             node_name: material.node_name.clone(),
             facts,
@@ -282,10 +286,10 @@ impl HeartbeatClient {
     }
 
     /// Replaces the timing (defaults: [`HeartbeatConfig::default`]).
-    pub fn with_config(mut self, config: HeartbeatConfig) -> Self {
-        self.endpoint = self.endpoint.connect_timeout(config.connect_timeout);
+    pub fn with_config(mut self, config: HeartbeatConfig) -> Result<Self, BootstrapError> {
+        self.endpoint = Self::endpoint(&self.cp, &self.material, &config)?;
         self.config = config;
-        self
+        Ok(self)
     }
 
     /// A handle that makes the client report now (`notify_one()`), e.g. after a VM started.
@@ -492,11 +496,16 @@ mod tests {
             message: "node is gone".into(),
             details: vec![prost_types::Any {
                 type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
-                value: rpc::ErrorInfo { reason: "node_gone".into(), domain: "otherix.dev".into(), metadata: Default::default() }
-                    .encode_to_vec(),
+                value: rpc::ErrorInfo {
+                    reason: "node_gone".into(),
+                    domain: "otherix.dev".into(),
+                    metadata: Default::default(),
+                }
+                .encode_to_vec(),
             }],
         };
-        let gone = tonic::Status::with_details(tonic::Code::FailedPrecondition, "node is gone", gone.encode_to_vec().into());
+        let gone =
+            tonic::Status::with_details(tonic::Code::FailedPrecondition, "node is gone", gone.encode_to_vec().into());
         match classify(&gone) {
             HeartbeatError::Refused { reason, .. } => assert_eq!(reason, "node_gone"),
             other => panic!("{other:?}"),

@@ -75,9 +75,8 @@ pub fn normalize_architecture(s: &str) -> Option<&'static str> {
 /// The architecture of this host as the API names it (`x86_64` -> `amd64`,
 /// `aarch64` -> `arm64`).
 pub fn host_architecture() -> Result<&'static str, BootstrapError> {
-    normalize_architecture(std::env::consts::ARCH).ok_or_else(|| {
-        BootstrapError::Config(format!("unsupported host architecture {:?}", std::env::consts::ARCH))
-    })
+    normalize_architecture(std::env::consts::ARCH)
+        .ok_or_else(|| BootstrapError::Config(format!("unsupported host architecture {:?}", std::env::consts::ARCH)))
 }
 
 /// Accepts any server certificate. Used for exactly one call, `GetCa`, whose answer is then
@@ -139,10 +138,7 @@ pub(crate) async fn unverified_channel(
     connect_timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
     let tls = ClientTlsConfig::new().domain_name(cp.host.clone()).timeout(connect_timeout);
-    endpoint(cp, connect_timeout)?
-        .tls_config_with_verifier(tls, Arc::new(AcceptAnyServerCert::new()))?
-        .connect()
-        .await
+    endpoint(cp, connect_timeout)?.tls_config_with_verifier(tls, Arc::new(AcceptAnyServerCert::new()))?.connect().await
 }
 
 /// An endpoint whose TLS trusts only `ca_pem` (the server must be named `cp.host`) and, when

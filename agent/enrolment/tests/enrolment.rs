@@ -72,10 +72,7 @@ async fn join_writes_material_then_existing_and_partial_state() {
     assert_eq!(ca_fingerprint, cp.fingerprint());
     assert_eq!(material.node_name, "worker-1");
     let reqs = cp.state.join_requests.lock().unwrap().clone();
-    assert_eq!(
-        reqs,
-        vec![("worker-1".into(), "arm64".into(), "127.0.0.1:9443".into(), "otx_join_from_file".into())]
-    );
+    assert_eq!(reqs, vec![("worker-1".into(), "arm64".into(), "127.0.0.1:9443".into(), "otx_join_from_file".into())]);
 
     let certs = dir.path().join("certs");
     assert_eq!(mode(&certs), 0o700);
@@ -139,10 +136,7 @@ async fn refused_join_surfaces_the_code() {
         *cp.state.join_refusal.lock().unwrap() = Some(err);
         let e = bootstrap(&opts(&cp, &cp.fingerprint(), dir.path())).await.unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.starts_with(&format!("bootstrap protocol: CSR submission rejected by CP: {expected}")),
-            "{msg}"
-        );
+        assert!(msg.starts_with(&format!("bootstrap protocol: CSR submission rejected by CP: {expected}")), "{msg}");
         assert_eq!(e.rejection_code(), Some(code));
     }
     assert!(!dir.path().join("certs").join("agent.key").exists());
@@ -195,11 +189,18 @@ async fn connection_failures_and_unverifiable_servers() {
     // Bad inputs fail before any network traffic.
     let cp = TestCp::start();
     for (mutate, needle) in [
-        (Box::new(|o: &mut BootstrapOptions| o.ca_fingerprint = "sha256:abc".into()) as Box<dyn Fn(&mut BootstrapOptions)>, "CA fingerprint"),
+        (
+            Box::new(|o: &mut BootstrapOptions| o.ca_fingerprint = "sha256:abc".into())
+                as Box<dyn Fn(&mut BootstrapOptions)>,
+            "CA fingerprint",
+        ),
         (Box::new(|o: &mut BootstrapOptions| o.node_name = "Bad_Name".into()), "invalid node name"),
         (Box::new(|o: &mut BootstrapOptions| o.cp_url = "http://127.0.0.1:1".into()), "https://"),
         (Box::new(|o: &mut BootstrapOptions| o.architecture = Some("sparc".into())), "architecture"),
-        (Box::new(|o: &mut BootstrapOptions| o.token = TokenSource::Env("OTHERIX_TEST_UNSET_TOKEN_ENV".into())), "OTHERIX_TEST_UNSET_TOKEN_ENV"),
+        (
+            Box::new(|o: &mut BootstrapOptions| o.token = TokenSource::Env("OTHERIX_TEST_UNSET_TOKEN_ENV".into())),
+            "OTHERIX_TEST_UNSET_TOKEN_ENV",
+        ),
     ] {
         let mut o = opts(&cp, &cp.fingerprint(), dir.path());
         mutate(&mut o);

@@ -135,10 +135,12 @@ pub struct TestCp {
 impl TestCp {
     /// A new CA and a server on an ephemeral port.
     pub fn start() -> TestCp {
-        Self::start_with(Arc::new(ClusterCa::generate().unwrap()), Arc::new(State::default()), None, &[
-            "localhost",
-            "127.0.0.1",
-        ])
+        Self::start_with(
+            Arc::new(ClusterCa::generate().unwrap()),
+            Arc::new(State::default()),
+            None,
+            &["localhost", "127.0.0.1"],
+        )
     }
 
     /// A server for `ca` sharing `state`, on `addr` (or an ephemeral port), with a server
