@@ -63,7 +63,10 @@ pub enum BootstrapError {
     BadCertificate(String),
 
     /// The cert material on disk is unusable (unparseable, key does not match, does not chain).
-    #[error("agent cert material in {dir} is invalid: {reason}")]
+    #[error(
+        "agent cert material in {} is invalid: {reason}; bootstrap again with --force and a fresh join token",
+        dir.display()
+    )]
     InvalidMaterial {
         /// The cert directory.
         dir: PathBuf,

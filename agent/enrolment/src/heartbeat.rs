@@ -6,6 +6,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use otherix_errors::ApiError;
 use otherix_proto::google::rpc;
 use otherix_proto::otherix::agent::v1::heartbeat_service_client::HeartbeatServiceClient;
 use otherix_proto::otherix::agent::v1::{DeclaredPool, HeartbeatRequest, HeartbeatResponse};
@@ -34,6 +35,12 @@ pub trait FactsProvider: Send + Sync + 'static {
 pub trait DeclaredPoolsSink: Send + Sync + 'static {
     /// The declared pools; an empty path means "under the agent's pool root".
     fn declared_pools(&self, pools: Vec<DeclaredPool>);
+}
+
+impl<F: Fn() -> HeartbeatRequest + Send + Sync + 'static> FactsProvider for F {
+    fn report(&self) -> HeartbeatRequest {
+        self()
+    }
 }
 
 impl<F: Fn(Vec<DeclaredPool>) + Send + Sync + 'static> DeclaredPoolsSink for F {
@@ -157,8 +164,10 @@ fn classify(status: &tonic::Status) -> HeartbeatError {
         Some(_) => false,
     };
     if permanent {
+        // The control plane puts the precise cause (`cert_revoked`) in the details.
+        let detail = ApiError::from_status(status).details.get("reason").and_then(|v| v.as_str().map(str::to_string));
         HeartbeatError::Refused {
-            reason: reason.unwrap_or_else(|| "unauthenticated".into()),
+            reason: detail.or(reason).unwrap_or_else(|| "unauthenticated".into()),
             message: status.message().to_string(),
         }
     } else if is_transport_status(status) {
@@ -463,7 +472,7 @@ impl HeartbeatClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use otherix_errors::{ApiError, ErrorCode};
+    use otherix_errors::ErrorCode;
 
     #[test]
     fn backoff_grows_and_caps_with_jitter() {
@@ -488,6 +497,14 @@ mod tests {
     fn refusals_are_classified() {
         let revoked = ApiError::new(ErrorCode::Unauthenticated, "certificate revoked").to_status();
         assert!(classify(&revoked).is_permanent());
+        // The control plane's shape: code unauthenticated, detail reason cert_revoked.
+        let revoked = ApiError::new(ErrorCode::Unauthenticated, "not valid").with_detail("reason", "cert_revoked");
+        match classify(&revoked.to_status()) {
+            HeartbeatError::Refused { reason, message } => {
+                assert_eq!((reason.as_str(), message.as_str()), ("cert_revoked", "not valid"));
+            }
+            other => panic!("{other:?}"),
+        }
         let plain = tonic::Status::unauthenticated("no cert");
         assert!(classify(&plain).is_permanent());
         // A reason that is not in this build's ErrorCode table still counts.

@@ -15,6 +15,54 @@
 //! `bootstrap protocol: ...`, `partial bootstrap state ...`); the caller logs
 //! `agent: bootstrap complete` and `agent: using existing cert material` on the two
 //! [`BootstrapOutcome`]s.
+//!
+//! # Wiring into `otherix-agent`
+//!
+//! Config keys (env `OTHERIX_BOOTSTRAP__CP_URL`, `OTHERIX_BOOTSTRAP__TOKEN_PATH`,
+//! `OTHERIX_BOOTSTRAP__CA_FINGERPRINT`, `OTHERIX_BOOTSTRAP__NODE_NAME`, ...):
+//! `bootstrap.cp_url`, `bootstrap.token_path` / `bootstrap.token_env` (or `--token`),
+//! `bootstrap.ca_fingerprint`, `bootstrap.node_name`, `bootstrap.advertised_endpoint`,
+//! `tls.cert_dir`, `heartbeat.interval_seconds`, `capacity.*` ([`CapacityConfig`]).
+//!
+//! ```no_run
+//! # async fn demo(state_dir: std::path::PathBuf, pool_root: std::path::PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use otherix_agent_enrolment::*;
+//!
+//! let cert_dir = state_dir.join("certs");
+//! // `bootstrap` (and `serve` when it finds no material and a token is configured):
+//! let opts = BootstrapOptions::new(
+//!     "https://cp.example:8443",
+//!     TokenSource::File("/etc/otherix/join-token".into()),
+//!     "sha256:9f2c...",
+//!     "worker-1",
+//!     "10.0.0.5:9443",
+//!     &cert_dir,
+//! );
+//! match bootstrap(&opts).await {
+//!     Ok(BootstrapOutcome::Bootstrapped { node_id, .. }) => {
+//!         tracing::info!(%node_id, "agent: bootstrap complete")
+//!     }
+//!     Ok(BootstrapOutcome::AlreadyBootstrapped { .. }) => tracing::info!("agent: using existing cert material"),
+//!     Err(e) => {
+//!         tracing::error!("{e}");
+//!         std::process::exit(1)
+//!     }
+//! }
+//! // `serve`:
+//! let material = load_material(&cert_dir)?.expect("bootstrapped above");
+//! let pools = Arc::new(DirPools::new(pool_root));
+//! let mut facts_cfg = FactsConfig::new(&state_dir);
+//! facts_cfg.capacity = CapacityConfig { reserved_cpus: 1, ..Default::default() };
+//! let facts = Arc::new(HostFactsProvider::new(facts_cfg, env!("CARGO_PKG_VERSION"), Some(pools.clone())));
+//! let heartbeat = HeartbeatClient::new("https://cp.example:8443", &material, facts, pools)?
+//!     .with_config(HeartbeatConfig { interval: std::time::Duration::from_secs(30), ..Default::default() })?;
+//! let (_stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+//! tokio::spawn(heartbeat.run(async move {
+//!     let _ = stop_rx.changed().await;
+//! }));
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
