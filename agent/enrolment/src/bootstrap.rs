@@ -183,6 +183,32 @@ impl fmt::Debug for Material {
     }
 }
 
+impl Material {
+    /// The rustls config of the agent's own mTLS server (`:9443`): presents the agent
+    /// certificate and requires a client certificate from the cluster CA. Check after the
+    /// handshake that the peer is the control plane with [`is_control_plane_peer`].
+    pub fn server_tls_config(&self) -> Result<rustls::ServerConfig, otherix_pki::PkiError> {
+        otherix_pki::server_config_mtls(&self.cert_pem, &self.key_pem, &self.ca_pem, true)
+    }
+
+    /// A rustls client config presenting the agent certificate and trusting only the
+    /// cluster CA (ALPN h2), for callers with their own connectors.
+    pub fn client_tls_config(&self) -> Result<rustls::ClientConfig, otherix_pki::PkiError> {
+        otherix_pki::client_config_mtls(&self.cert_pem, &self.key_pem, &self.ca_pem)
+    }
+}
+
+/// Whether a peer certificate (DER; already verified against the cluster CA by the TLS
+/// handshake) belongs to a control-plane replica: `CN=otherix-cp-replica` and no node
+/// identity. The agent's server accepts only such peers.
+pub fn is_control_plane_peer(der: &[u8]) -> bool {
+    if otherix_pki::cert_identity_der(der).is_some() {
+        return false;
+    }
+    cert_info(&encode_cert_pem(der))
+        .is_ok_and(|i| !i.is_ca && i.common_name.as_deref() == Some(otherix_pki::CP_COMMON_NAME))
+}
+
 /// What [`bootstrap`] did.
 #[derive(Debug)]
 pub enum BootstrapOutcome {
@@ -451,6 +477,30 @@ mod tests {
         let unset = TokenSource::Env("OTHERIX_TEST_SURELY_UNSET_TOKEN_VAR".into()).resolve().unwrap_err();
         assert!(unset.to_string().contains("OTHERIX_TEST_SURELY_UNSET_TOKEN_VAR"), "{unset}");
         assert_eq!(format!("{:?}", TokenSource::Value("secret".into())), "Value([redacted])");
+    }
+
+    #[test]
+    fn control_plane_peers() {
+        let ca = otherix_pki::ClusterCa::generate().unwrap();
+        let cp = ca.issue_server_cert(&["localhost".into()], Duration::from_secs(60)).unwrap();
+        let der = |pem: &str| single_cert(pem).unwrap();
+        assert!(is_control_plane_peer(der(&cp.cert_pem).as_ref()));
+        let (key, csr) = generate_agent_key_and_csr("worker-1").unwrap();
+        let agent = ca.sign_agent_csr(&csr, "worker-1", &[], Duration::from_secs(60)).unwrap();
+        assert!(!is_control_plane_peer(der(&agent.cert_pem).as_ref()));
+        assert!(!is_control_plane_peer(ca.cert_der().as_ref()));
+        assert!(!is_control_plane_peer(b"junk"));
+        let m = Material {
+            cert_pem: agent.cert_pem,
+            key_pem: key,
+            ca_pem: ca.cert_pem().to_string(),
+            node_name: "worker-1".into(),
+            not_after: SystemTime::now(),
+            paths: MaterialPaths::new(Path::new("/nonexistent")),
+        };
+        assert!(m.server_tls_config().is_ok());
+        assert!(m.client_tls_config().is_ok());
+        assert!(!format!("{m:?}").contains("PRIVATE KEY"));
     }
 
     #[test]

@@ -316,6 +316,7 @@ impl HeartbeatClient {
         loop {
             attempt += 1;
             let span = info_span!("heartbeat_connection", attempt, cp = %self.cp, node = %self.node_name);
+            let started = Instant::now();
             let end = self.session(&mut interval, shutdown.as_mut()).instrument(span.clone()).await;
             let delay = match end {
                 SessionEnd::Shutdown => {
@@ -323,7 +324,9 @@ impl HeartbeatClient {
                     return;
                 }
                 SessionEnd::Failed { err, acknowledged } => {
-                    if acknowledged {
+                    // A session that worked for a while starts the backoff over; one that
+                    // flaps right after its first answer keeps growing it.
+                    if acknowledged && started.elapsed() >= self.config.backoff_max {
                         backoff.reset();
                     }
                     if err.is_permanent() {

@@ -75,7 +75,7 @@ mod transport;
 
 pub use bootstrap::{
     BootstrapOptions, BootstrapOutcome, CA_FILE, CERT_DIR_MODE, CERT_FILE, CERT_MODE, KEY_FILE, KEY_MODE, Material,
-    MaterialPaths, TokenSource, bootstrap, load_material,
+    MaterialPaths, TokenSource, bootstrap, is_control_plane_peer, load_material,
 };
 pub use error::BootstrapError;
 pub use facts::{CapacityConfig, FactsConfig, HostFacts};
