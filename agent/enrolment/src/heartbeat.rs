@@ -387,10 +387,12 @@ impl HeartbeatClient {
         seq += 1;
         send(seq, "connect", last_sent.clone());
         let mut client = HeartbeatServiceClient::new(channel);
+        let open_limit = (*interval * self.config.stale_after_intervals).max(Duration::from_secs(10));
         let mut inbound = tokio::select! {
-            r = client.heartbeat(ReceiverStream::new(rx)) => match r {
-                Ok(r) => r.into_inner(),
-                Err(s) => return failed(classify(&s), false),
+            r = tokio::time::timeout(open_limit, client.heartbeat(ReceiverStream::new(rx))) => match r {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => return failed(classify(&s), false),
+                Err(_) => return failed(HeartbeatError::Stale(open_limit), false),
             },
             () = shutdown.as_mut() => return SessionEnd::Shutdown,
         };
