@@ -548,7 +548,9 @@ impl Runtime {
         if let Err(e) = &res {
             info!(vm = %id, code = e.code(), "create failed; removing what it made");
             self.poweroff_proc(&vm).await;
-            remove_vm_files(&vm);
+            if let Err(e) = remove_vm_files(&vm) {
+                error!(vm = %id, error = %e, "cleanup after a failed create is incomplete");
+            }
             lock(&self.s.vms).remove(&id);
         }
         res
@@ -685,7 +687,8 @@ impl Runtime {
             }
             vm.set_phase(VmPhase::Deleting, "", "");
             rt.poweroff_proc(&vm).await;
-            remove_vm_files(&vm);
+            // On failure the VM stays listed (DELETING), so a new delete task can finish it.
+            remove_vm_files(&vm)?;
             lock(&rt.s.vms).remove(&id);
             Ok(())
         })
@@ -871,7 +874,9 @@ impl Runtime {
                 if alive && let Some(p) = Pid::from_raw(pid) {
                     let _ = rustix::process::kill_process(p, Signal::KILL);
                 }
-                remove_vm_files(&vm);
+                if let Err(e) = remove_vm_files(&vm) {
+                    error!(vm = %id, error = %e, "cleanup of an interrupted create/delete is incomplete");
+                }
                 continue;
             }
             if alive {
@@ -955,23 +960,28 @@ fn fail_task(t: &mut Task, e: &AgentError) {
     t.error = Some(TaskError { code: e.code().to_string(), message: e.to_string() });
 }
 
-/// Removes a VM's disk and its dir (record, sockets, seed, logs).
-fn remove_vm_files(vm: &VmHandle) {
+/// Removes a VM's disk and its dir (record, sockets, seed, logs); the first
+/// failure is returned after trying everything.
+fn remove_vm_files(vm: &VmHandle) -> Result<(), AgentError> {
     let rec = vm.record();
+    let mut first_err = None;
+    let mut note = |what: &Path, e: std::io::Error| {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %what.display(), error = %e, "cannot remove");
+            first_err.get_or_insert(AgentError::io(format!("remove {}", what.display()), e));
+        }
+    };
     if !rec.disk_path.is_empty() {
         for p in [PathBuf::from(&rec.disk_path), PathBuf::from(&rec.disk_path).with_extension("qcow2.partial")] {
-            if let Err(e) = std::fs::remove_file(&p)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                warn!(path = %p.display(), error = %e, "cannot remove disk");
+            if let Err(e) = std::fs::remove_file(&p) {
+                note(&p, e);
             }
         }
     }
-    if let Err(e) = std::fs::remove_dir_all(&vm.dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(path = %vm.dir.display(), error = %e, "cannot remove vm dir");
+    if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
+        note(&vm.dir, e);
     }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// The record plus QEMU's live run state.
