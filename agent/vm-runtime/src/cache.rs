@@ -49,6 +49,9 @@ type Outcome = Option<Result<(), AgentError>>;
 #[derive(Debug)]
 struct InFlight {
     url: String,
+    /// What the leading request asked for; only identical requests share the result.
+    sha256: Option<String>,
+    format: ImageFormat,
     progress: watch::Sender<(u64, u64)>,
     done: watch::Sender<Outcome>,
 }
@@ -110,34 +113,25 @@ impl ImageCache {
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<Lease, AgentError> {
         let path = images.join(&req.url.basename);
-        let mut fetched = false;
-        loop {
+        // Each round either finds the image or takes part in one download; more
+        // than a few rounds means other requests keep replacing the entry.
+        for _ in 0..4 {
             let guard = self.entry_lock(&path).read_owned().await;
-            if let Some(meta) = state::load::<CachedImage>(&meta_path(images, &req.url.basename))?
-                && self.entry_usable(&path, &meta, req, fetched)
+            if let Some(mut meta) = state::load::<CachedImage>(&meta_path(images, &req.url.basename))?
+                && entry_usable(&path, &meta, req)
             {
                 let info = image::inspect_file(&path, req.format)?;
-                let mut meta = meta;
                 meta.last_used_at = Some(state::now());
                 state::save(&meta_path(images, &req.url.basename), &meta)?;
                 return Ok(Lease { path, info, _guard: guard });
             }
             drop(guard);
-            if fetched {
-                return Err(AgentError::Internal("downloaded image vanished from the cache".into()));
-            }
             self.download_coalesced(images, req, progress).await?;
-            fetched = true;
         }
-    }
-
-    fn entry_usable(&self, path: &Path, meta: &CachedImage, req: &ImageRequest, fetched: bool) -> bool {
-        let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == meta.size_bytes);
-        let pin_ok = req.sha256.as_ref().is_none_or(|p| *p == meta.sha256);
-        // Another URL with the same basename is another image, unless the pin
-        // vouches for the content; right after our own download it is ours.
-        let source_ok = fetched || meta.url == req.url.url.as_str() || req.sha256.is_some();
-        size_ok && pin_ok && source_ok
+        Err(AgentError::Internal(format!(
+            "image {} kept being replaced in the cache while this request waited",
+            req.url.basename
+        )))
     }
 
     async fn download_coalesced(
@@ -148,19 +142,33 @@ impl ImageCache {
     ) -> Result<(), AgentError> {
         let path = images.join(&req.url.basename);
         let (flight, leader) = {
-            let mut map = lock(&self.inflight);
-            match map.get(&path) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(InFlight {
-                        url: req.url.url.to_string(),
-                        progress: watch::channel((0, 0)).0,
-                        done: watch::channel(None).0,
-                    });
-                    map.insert(path.clone(), f.clone());
-                    (f, true)
+            let found = {
+                let mut map = lock(&self.inflight);
+                match map.get(&path) {
+                    Some(f) => (f.clone(), false),
+                    None => {
+                        let f = Arc::new(InFlight {
+                            url: req.url.url.to_string(),
+                            sha256: req.sha256.clone(),
+                            format: req.format,
+                            progress: watch::channel((0, 0)).0,
+                            done: watch::channel(None).0,
+                        });
+                        map.insert(path.clone(), f.clone());
+                        (f, true)
+                    }
                 }
+            };
+            let (flight, leader) = found;
+            let same = flight.url == req.url.url.as_str() && flight.sha256 == req.sha256 && flight.format == req.format;
+            if !(leader || same) {
+                // Another request's download of this name (other URL, pin or
+                // format): its verdict is not ours. Wait for it, then look again.
+                let mut other = flight.done.subscribe();
+                let _ = other.wait_for(Option::is_some).await;
+                return Ok(());
             }
+            (flight, leader)
         };
         let mut done = flight.done.subscribe();
         let mut prog = flight.progress.subscribe();
@@ -421,4 +429,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Lowercase hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Whether a cache entry serves a request: complete, matching the pin, and
+/// from the same URL unless the pin vouches for the content.
+fn entry_usable(path: &Path, meta: &CachedImage, req: &ImageRequest) -> bool {
+    let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == meta.size_bytes);
+    let pin_ok = req.sha256.as_ref().is_none_or(|p| *p == meta.sha256);
+    let source_ok = meta.url == req.url.url.as_str() || req.sha256.is_some();
+    size_ok && pin_ok && source_ok
 }

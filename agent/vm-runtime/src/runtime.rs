@@ -1036,8 +1036,8 @@ async fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, Stri
     loop {
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                let _ = e;
+            // QEMU creates the socket a moment after the QMP one.
+            Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(e) => return Err(format!("connect {}: {e}", path.display())),

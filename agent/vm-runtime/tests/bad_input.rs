@@ -176,6 +176,28 @@ async fn concurrent_creates_share_one_download() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_does_not_fail_a_concurrent_request_without_one() {
+    let fixtures = otherix_agent_testkit::TestDir::new("fix3");
+    let big = big_qcow2(&fixtures.path);
+    let mut routes = HashMap::new();
+    routes.insert("/pin/big.qcow2".to_string(), Route::Slow(big, Duration::from_millis(20)));
+    let env = env("pins", routes).await;
+    let url = env.http.url("/pin/big.qcow2");
+    let mut wrong = spec("pin-vm", &url);
+    wrong.disk_gib = 1;
+    wrong.image.as_mut().unwrap().sha256 = "0".repeat(64);
+    let mut none = spec("pin-vm", &url);
+    none.disk_gib = 1;
+    let tw = env.rt.create_vm(create_req("pin-wrong", &new_id(), wrong)).await.unwrap();
+    let tn = env.rt.create_vm(create_req("pin-none", &new_id(), none)).await.unwrap();
+    assert_failed(&finish(&env.rt, tw).await, "checksum_mismatch");
+    // The unpinned request gets past the download and fails only on its own disk size.
+    assert_failed(&finish(&env.rt, tn).await, "disk_too_small");
+    assert_eq!(env.http.hits("/pin/big.qcow2"), 2);
+    assert_eq!(env.rt.scan_pool("default").unwrap().images.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_progress_is_recorded() {
     let image = otherix_agent_testkit::test_image();
     let size = std::fs::metadata(image.qcow2()).unwrap().len();
