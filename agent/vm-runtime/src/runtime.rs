@@ -194,6 +194,17 @@ impl Runtime {
             };
             rt.load_tasks()?;
             rt.load_vms().await?;
+            // Long-running agents would otherwise keep every task forever.
+            let weak = Arc::downgrade(&rt.s);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(s) = weak.upgrade() else { break };
+                    Runtime { s }.prune_tasks();
+                }
+            });
             Ok(rt)
         }
         .instrument(span)
@@ -260,12 +271,7 @@ impl Runtime {
                 warn!(path = %path.display(), "unreadable task record skipped");
                 continue;
             };
-            let age = t
-                .updated_at
-                .map(|u| now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(u.seconds.max(0) as u64)))
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            if t.state != TaskState::Running as i32 && age > retention {
+            if t.state != TaskState::Running as i32 && task_age(&t, now) > retention {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
@@ -277,6 +283,22 @@ impl Runtime {
             tasks.insert(t.task_id.clone(), t);
         }
         Ok(())
+    }
+
+    /// Forgets finished tasks older than the retention, in memory and on disk.
+    fn prune_tasks(&self) {
+        let retention = Duration::from_secs(self.s.cfg.task_retention_hours * 3600);
+        let now = SystemTime::now();
+        let mut tasks = lock(&self.s.tasks);
+        let old: Vec<String> = tasks
+            .values()
+            .filter(|t| t.state != TaskState::Running as i32 && task_age(t, now) > retention)
+            .map(|t| t.task_id.clone())
+            .collect();
+        for id in old {
+            tasks.remove(&id);
+            let _ = std::fs::remove_file(self.s.layout.task(&id));
+        }
     }
 
     /// Registers a task and runs `op` in the background; a task id seen before
@@ -955,6 +977,14 @@ fn phase_of_status(status: &str) -> (VmPhase, &'static str) {
     }
 }
 
+/// How long ago a task record last changed.
+fn task_age(t: &Task, now: SystemTime) -> Duration {
+    t.updated_at
+        .map(|u| SystemTime::UNIX_EPOCH + Duration::from_secs(u.seconds.max(0) as u64))
+        .and_then(|u| now.duration_since(u).ok())
+        .unwrap_or_default()
+}
+
 fn fail_task(t: &mut Task, e: &AgentError) {
     t.state = TaskState::Failed as i32;
     t.error = Some(TaskError { code: e.code().to_string(), message: e.to_string() });
@@ -1184,6 +1214,16 @@ async fn on_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_ages() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let t = Task { updated_at: Some(prost_types::Timestamp { seconds: 4_000, nanos: 0 }), ..Default::default() };
+        assert_eq!(task_age(&t, now), Duration::from_secs(6_000));
+        let future =
+            Task { updated_at: Some(prost_types::Timestamp { seconds: 20_000, nanos: 0 }), ..Default::default() };
+        assert_eq!(task_age(&future, now), Duration::ZERO);
+    }
 
     #[test]
     fn statuses_map_to_phases() {

@@ -134,3 +134,34 @@ async fn poweroff_kills_a_qemu_that_ignores_quit() {
     assert_eq!((vm.phase, vm.reason.as_str()), (VmPhase::Stopped as i32, "powered_off"));
     assert_ok(&finish(&env.rt, env.rt.delete_vm("k-delete", &id).await.unwrap()).await);
 }
+
+/// An agent restart in the middle of a create: the new runtime reports the
+/// task lost (`agent_task_lost`) and removes the half-made VM; finished task
+/// records older than the retention are dropped at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_create_loses_the_task_and_cleans_up() {
+    let image = otherix_agent_testkit::test_image();
+    let mut routes = HashMap::new();
+    routes.insert("/slow.qcow2".to_string(), Route::Slow(image.qcow2(), Duration::from_millis(50)));
+    let env = env_with("midcreate", routes, |_| {}).await;
+    let id = new_id();
+    let t = env.rt.create_vm(create_req("m-1", &id, spec("mid-vm", &env.http.url("/slow.qcow2")))).await.unwrap();
+    otherix_agent_testkit::wait_for("the download to start", Duration::from_secs(30), || async {
+        let t = env.rt.get_task("m-1", Duration::ZERO).await.unwrap();
+        t.progress.is_some_and(|p| p.step == "image" && p.bytes_done > 0).then_some(())
+    })
+    .await;
+    assert!(env.dir.path.join(format!("state/vms/{id}")).is_dir());
+    // A second runtime on the same state dir is what a restarted agent sees.
+    let rt2 = otherix_vm_runtime::Runtime::open(config(&env.dir)).await.unwrap();
+    assert_failed(&rt2.get_task("m-1", Duration::ZERO).await.unwrap(), "agent_task_lost");
+    assert!(rt2.list_vms().await.is_empty());
+    assert!(!env.dir.path.join(format!("state/vms/{id}")).exists());
+    assert_eq!(t.task_id, "m-1");
+
+    let mut cfg = config(&env.dir);
+    cfg.task_retention_hours = 0;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let rt3 = otherix_vm_runtime::Runtime::open(cfg).await.unwrap();
+    assert_eq!(rt3.get_task("m-1", Duration::ZERO).await.unwrap_err().code(), "not_found");
+}
