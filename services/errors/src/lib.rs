@@ -100,6 +100,32 @@ error_codes! {
     PoolNotFound = ("pool_not_found", InvalidArgument, 400),
     /// The node is gone; only readmit brings it back.
     NodeGone = ("node_gone", FailedPrecondition, 409),
+    /// The image URL could not be fetched.
+    DownloadFailed = ("download_failed", Unavailable, 502),
+    /// The fetched image does not match its sha256 pin.
+    ChecksumMismatch = ("checksum_mismatch", InvalidArgument, 400),
+    /// The file is not a valid qcow2 image (or declares a backing file).
+    Qcow2HeaderInvalid = ("qcow2_header_invalid", InvalidArgument, 400),
+    /// The image format is not qcow2 or raw, or does not match the file.
+    UnsupportedFormat = ("unsupported_format", InvalidArgument, 400),
+    /// The requested disk is smaller than the image.
+    DiskTooSmall = ("disk_too_small", InvalidArgument, 400),
+    /// The host lacks the memory or CPUs the VM asks for.
+    InsufficientResources = ("insufficient_resources", ResourceExhausted, 409),
+    /// QEMU did not start; the message carries its stderr.
+    QemuSpawnFailed = ("qemu_spawn_failed", Internal, 500),
+    /// The VM does not exist.
+    VmNotFound = ("vm_not_found", NotFound, 404),
+    /// Another interactive console session is attached.
+    ConsoleInUse = ("console_in_use", FailedPrecondition, 409),
+    /// The guest did not power off within the stop timeout; it keeps running.
+    StopTimeout = ("stop_timeout", DeadlineExceeded, 409),
+    /// The VM is not running.
+    VmNotRunning = ("vm_not_running", FailedPrecondition, 409),
+    /// The agent restarted during the task; start a new task.
+    AgentTaskLost = ("agent_task_lost", Aborted, 409),
+    /// Creating the VM failed for another reason (see the message).
+    VmCreateFailed = ("vm_create_failed", Internal, 500),
 }
 
 /// An error as it leaves the API: a documented code, a message for people and
@@ -289,7 +315,7 @@ mod tests {
         for code in ErrorCode::ALL {
             let name = code.as_str();
             assert!(seen.insert(name), "{name} twice");
-            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{name}");
             assert_eq!(ErrorCode::from_name(name), Some(*code));
         }
     }
