@@ -6,7 +6,7 @@ CARGO ?= cargo
 API_CONFIG ?= dev/config/api.yaml
 BUF := node_modules/.bin/buf
 
-.PHONY: help deps build build-api dev stop-dev etcd-reset test bench fmt lint buf-lint buf-breaking buf-baseline ci clean
+.PHONY: help deps build build-api build-agent dev stop-dev etcd-reset test bench fmt lint buf-lint buf-breaking buf-baseline ci clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -16,11 +16,15 @@ deps: ## Install the system packages and tools that are missing
 
 build: deps ## Build every binary into bin/
 	$(CARGO) build --workspace --bins
-	@mkdir -p bin && for b in otherix-api; do install -m 0755 target/debug/$$b bin/$$b; done
+	@mkdir -p bin && for b in otherix-api otherix-agent; do install -m 0755 target/debug/$$b bin/$$b; done
 
 build-api: deps ## Build bin/otherix-api
 	$(CARGO) build -p otherix-api --bin otherix-api
 	@mkdir -p bin && install -m 0755 target/debug/otherix-api bin/otherix-api
+
+build-agent: deps ## Build bin/otherix-agent
+	$(CARGO) build -p otherix-agent --bin otherix-agent
+	@mkdir -p bin && install -m 0755 target/debug/otherix-agent bin/otherix-agent
 
 dev: build-api ## Start otherix-api with its own etcd in the background (log: .local/run/otherix-api.log)
 	@API_CONFIG=$(API_CONFIG) bash dev/scripts/dev-start.sh
@@ -37,7 +41,10 @@ test: deps ## Run every test: unit, integration (real etcd), end to end (real bi
 	$(CARGO) test --workspace
 
 bench: deps ## Load benchmarks (release build); figures go to stdout
-	$(CARGO) run --release -p otherix-bench --bin otherix-bench
+	$(CARGO) build --release -p otherix-api -p otherix-bench -p otherix-agent -p otherix-agent-bench
+	./target/release/otherix-bench
+	./target/release/otherix-agent-load --api target/release/otherix-api
+	./target/release/otherix-agent-bench --agent-bin target/release/otherix-agent
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -36,9 +36,14 @@ if ((${#qemu[@]})) && installed qemu-utils && ! installed qemu-system-x86; then
 fi
 need+=("${qemu[@]}")
 
+# The test image is built from Debian packages (apt-get download), which
+# needs package lists even when nothing is missing.
+if ((${#need[@]})) || [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' 2>/dev/null | head -1)" ]; then
+  $SUDO apt-get update -qq
+fi
+
 if ((${#need[@]})); then
   echo ">> installing: ${need[*]}"
-  $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${downgrade[@]}" "${need[@]}"
 fi
 
