@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use otherix_errors::{ApiError, ErrorCode};
 use otherix_proto::google::rpc;
 use otherix_proto::otherix::agent::v1::vm_runtime_service_server::VmRuntimeService;
 use otherix_proto::otherix::agent::v1::{
@@ -17,31 +18,25 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span, instrument};
+use tracing::{Instrument, debug, info_span, instrument, warn};
 
-/// The `ErrorInfo.domain` of every Otherix error (the control plane uses the same).
-pub const ERROR_DOMAIN: &str = "otherix.dev";
-const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
-
-/// Turns a runtime error into a gRPC status carrying the documented code as
-/// `google.rpc.ErrorInfo.reason` in the status details.
+/// Turns a runtime error into a gRPC status through the shared error table
+/// (`otherix-errors`): the documented code as `google.rpc.ErrorInfo.reason`, the gRPC code
+/// the table gives it. A code the table does not know travels as `internal` (and is logged).
 pub fn status(e: &AgentError) -> Status {
-    let info =
-        rpc::ErrorInfo { reason: e.code().to_string(), domain: ERROR_DOMAIN.into(), metadata: Default::default() };
-    let details = rpc::Status {
-        code: e.grpc_code() as i32,
-        message: e.to_string(),
-        details: vec![prost_types::Any { type_url: ERROR_INFO_TYPE.into(), value: info.encode_to_vec() }],
-    };
-    Status::with_details(e.grpc_code(), e.to_string(), details.encode_to_vec().into())
+    let code = ErrorCode::from_name(e.code()).unwrap_or_else(|| {
+        warn!(code = e.code(), "agent error code missing from the shared error table; sent as internal");
+        ErrorCode::Internal
+    });
+    ApiError::new(code, e.to_string()).to_status()
 }
 
-/// The documented error code in a status made by [`status`], if any.
+/// The documented error code in a status made by [`status`], if it carries one.
 pub fn error_code(s: &Status) -> Option<String> {
     let st = rpc::Status::decode(s.details()).ok()?;
     st.details
         .iter()
-        .find(|a| a.type_url == ERROR_INFO_TYPE)
+        .find(|a| a.type_url.ends_with("/google.rpc.ErrorInfo"))
         .and_then(|a| rpc::ErrorInfo::decode(a.value.as_slice()).ok())
         .map(|i| i.reason)
 }
@@ -221,6 +216,38 @@ mod tests {
         let s = status(&AgentError::ConsoleInUse("v".into()));
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
         assert_eq!(error_code(&s).as_deref(), Some("console_in_use"));
+        assert_eq!(ApiError::from_status(&s).code, ErrorCode::ConsoleInUse);
         assert_eq!(error_code(&Status::internal("x")), None);
+    }
+
+    #[test]
+    fn every_agent_code_is_in_the_shared_table() {
+        let all = [
+            AgentError::Validation(String::new()),
+            AgentError::DownloadFailed(String::new()),
+            AgentError::ChecksumMismatch { expected: String::new(), actual: String::new() },
+            AgentError::Qcow2HeaderInvalid(String::new()),
+            AgentError::UnsupportedFormat(String::new()),
+            AgentError::DiskTooSmall { requested: 0, image: 0 },
+            AgentError::InsufficientResources(String::new()),
+            AgentError::QemuSpawnFailed(String::new()),
+            AgentError::VmNotFound(String::new()),
+            AgentError::ConsoleInUse(String::new()),
+            AgentError::StopTimeout(0),
+            AgentError::VmNotRunning(String::new()),
+            AgentError::PoolNotFound(String::new()),
+            AgentError::Conflict(String::new()),
+            AgentError::TaskLost,
+            AgentError::TaskNotFound(String::new()),
+            AgentError::CreateFailed(String::new()),
+            AgentError::Internal(String::new()),
+        ];
+        for e in all {
+            let code =
+                ErrorCode::from_name(e.code()).unwrap_or_else(|| panic!("{} is not in otherix-errors", e.code()));
+            let s = status(&e);
+            assert_eq!(error_code(&s).as_deref(), Some(e.code()));
+            assert_eq!(s.code(), code.grpc_code(), "{}", e.code());
+        }
     }
 }
