@@ -6,6 +6,7 @@
 //!   token is configured), serves the VM API on the mTLS listener and reports to the control
 //!   plane over the heartbeat stream.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -115,7 +116,10 @@ impl From<BootstrapArgs> for BootstrapFlags {
 fn init_logging(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(log.level.clone().unwrap_or_else(|| "info".into())));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
