@@ -29,6 +29,9 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
 use tracing_subscriber::EnvFilter;
 
+/// How long open connections may take to finish after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Parser)]
 #[command(name = "otherix-agent", version, about = "Runs VMs on this host for the Otherix control plane")]
 struct Cli {
@@ -287,11 +290,29 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done.context("agent task panicked").and_then(|r| r) {
-            // One listener failing takes the agent down (systemd restarts it).
-            tasks.abort_all();
-            return Err(e);
+    // After a stop signal, open streams (consoles, followed logs) get a grace period.
+    let grace = async {
+        stopped().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                None => break,
+                Some(r) => {
+                    if let Err(e) = r.context("agent task panicked").and_then(|r| r) {
+                        // One listener failing takes the agent down (systemd restarts it).
+                        tasks.abort_all();
+                        return Err(e);
+                    }
+                }
+            },
+            () = &mut grace => {
+                warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+                tasks.abort_all();
+                break;
+            }
         }
     }
     info!("agent stopped");
