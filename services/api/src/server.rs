@@ -108,9 +108,18 @@ pub async fn build_router(
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .with_state(store);
-    let dispatch = tower::service_fn(move |req: Request<Body>| {
-        let grpc = grpc.clone();
-        let gateway = gateway.clone();
+    Ok(health_routes.fallback_service(dispatch(grpc, gateway)))
+}
+
+/// Routes what no explicit route took: gRPC and grpc-web by content type to
+/// the gRPC router, `/v1/...` to the REST gateway, anything else to a JSON 404.
+fn dispatch(
+    grpc: axum::Router,
+    gateway: Gateway,
+) -> impl tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+    tower::service_fn(move |req: Request<Body>| {
+        let (grpc, gateway) = (grpc.clone(), gateway.clone());
         async move {
             let is_grpc = req
                 .headers()
@@ -126,8 +135,7 @@ pub async fn build_router(
             };
             Ok::<_, Infallible>(resp)
         }
-    });
-    Ok(health_routes.fallback_service(dispatch))
+    })
 }
 
 /// The agent listener: TLS with the replica's certificate from the cluster CA
@@ -171,25 +179,7 @@ pub async fn agent_listener(
             request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
         },
     );
-    let dispatch = tower::service_fn(move |req: Request<Body>| {
-        let (grpc, gateway) = (grpc.clone(), gateway.clone());
-        async move {
-            let is_grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.starts_with("application/grpc"));
-            let resp: Response<Body> = if is_grpc {
-                grpc.oneshot(req).await.unwrap_or_else(|never| match never {})
-            } else if req.uri().path().starts_with("/v1/") {
-                gateway.handle(req).await
-            } else {
-                error_response(&not_found(req.uri().path()))
-            };
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch);
+    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway));
     Ok((listener, Arc::new(tls), app))
 }
 

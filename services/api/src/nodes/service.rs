@@ -32,6 +32,21 @@ impl NodeServiceImpl {
         NodeServiceImpl { hub }
     }
 
+    /// Cordons or uncordons a node (idempotent; refused for a gone node).
+    async fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<Node, ApiError> {
+        let rec = self
+            .change_node(name, |r| {
+                let n = r.node.get_or_insert_default();
+                if n.status == status::GONE {
+                    return Err(ApiError::new(ErrorCode::NodeGone, format!("node {name:?} is gone")));
+                }
+                Ok(std::mem::replace(&mut n.cordoned, cordoned) != cordoned)
+            })
+            .await?;
+        tracing::info!(node = %name, cordoned, "node cordon changed");
+        Ok(node_of(&rec))
+    }
+
     /// Applies `change` to a node with compare-and-swap; returns the node as stored.
     async fn change_node(
         &self,
@@ -233,34 +248,12 @@ impl NodeService for NodeServiceImpl {
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
     async fn cordon_node(&self, req: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
-        let name = req.get_ref().name.clone();
-        let rec = self
-            .change_node(&name, |r| {
-                let n = r.node.get_or_insert_default();
-                if n.status == status::GONE {
-                    return Err(ApiError::new(ErrorCode::NodeGone, format!("node {name:?} is gone")));
-                }
-                Ok(!std::mem::replace(&mut n.cordoned, true))
-            })
-            .await?;
-        tracing::info!(node = %name, "node cordoned");
-        Ok(Response::new(node_of(&rec)))
+        Ok(Response::new(self.set_cordoned(&req.get_ref().name, true).await?))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
     async fn uncordon_node(&self, req: Request<UncordonNodeRequest>) -> Result<Response<Node>, Status> {
-        let name = req.get_ref().name.clone();
-        let rec = self
-            .change_node(&name, |r| {
-                let n = r.node.get_or_insert_default();
-                if n.status == status::GONE {
-                    return Err(ApiError::new(ErrorCode::NodeGone, format!("node {name:?} is gone")));
-                }
-                Ok(std::mem::replace(&mut n.cordoned, false))
-            })
-            .await?;
-        tracing::info!(node = %name, "node uncordoned");
-        Ok(Response::new(node_of(&rec)))
+        Ok(Response::new(self.set_cordoned(&req.get_ref().name, false).await?))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
