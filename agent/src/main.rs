@@ -260,19 +260,16 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     };
     let rt = Runtime::open(cfg.runtime.clone()).await.context("open the VM runtime")?;
     info!(accelerator = accelerator_name(rt.accelerator()), "agent runtime ready");
-    let service = AgentService::new(rt.clone());
+    let mut service = AgentService::new(rt.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(path) = &cfg.server.unix_socket {
-        let listener = server::bind_unix(path)?;
-        tasks.spawn(server::serve_unix(service.clone(), listener, stopped()));
-    }
+    let mut mtls = None;
     if let (Some(m), Some(cp_url)) = (&material, &cfg.bootstrap.cp_url) {
         if let Some(n) = cfg.bootstrap.node_name.as_deref().filter(|n| *n != m.node_name) {
             warn!(configured = n, certificate = %m.node_name, "bootstrap.node_name differs from the certificate; the certificate's name is used");
         }
         let tls = m.server_tls_config().context("the agent's TLS server config")?;
         let listener = server::bind_tcp(cfg.server.listen_addr()?).await?;
-        tasks.spawn(server::serve_mtls(service.clone(), listener, tls, stopped()));
+        mtls = Some((listener, tls));
 
         let pools = Arc::new(RuntimePools::new(rt.clone(), cfg.pool_root()));
         let mut facts_cfg = FactsConfig::new(&cfg.runtime.state_dir);
@@ -284,11 +281,20 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
             interval: Duration::from_secs(u64::from(cfg.heartbeat.interval_seconds)),
             ..HeartbeatConfig::default()
         })?;
+        // A finished VM task changes what the next report says: report at once.
+        service = service.with_change_notify(heartbeat.trigger());
         let stop = stopped();
         tasks.spawn(async move {
             heartbeat.run(stop).await;
             Ok(())
         });
+    }
+    if let Some((listener, tls)) = mtls {
+        tasks.spawn(server::serve_mtls(service.clone(), listener, tls, stopped()));
+    }
+    if let Some(path) = &cfg.server.unix_socket {
+        let listener = server::bind_unix(path)?;
+        tasks.spawn(server::serve_unix(service.clone(), listener, stopped()));
     }
     // After a stop signal, open streams (consoles, followed logs) get a grace period.
     let grace = async {

@@ -1,6 +1,7 @@
 //! The gRPC service `otherix.agent.v1.VmRuntimeService` over the runtime.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use otherix_errors::{ApiError, ErrorCode};
@@ -10,11 +11,11 @@ use otherix_proto::otherix::agent::v1::{
     ConsoleRequest, ConsoleResponse, CreateVmRequest, DeleteVmRequest, GetTaskRequest, GetVmRequest, ListPoolsRequest,
     ListPoolsResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, Pool, PoweroffVmRequest, ReadLogRequest,
     ReadLogResponse, RebootVmRequest, ResetVmRequest, ResumeVmRequest, ScanPoolRequest, StartVmRequest, StopVmRequest,
-    Task, Vm, console_request,
+    Task, TaskState, Vm, console_request,
 };
 use otherix_vm_runtime::{AgentError, Runtime};
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -49,12 +50,37 @@ fn ok<T>(r: Result<T, AgentError>) -> Result<Response<T>, Status> {
 #[derive(Debug, Clone)]
 pub struct AgentService {
     rt: Runtime,
+    changed: Option<Arc<Notify>>,
 }
 
 impl AgentService {
     /// A service over `rt`.
     pub fn new(rt: Runtime) -> AgentService {
-        AgentService { rt }
+        AgentService { rt, changed: None }
+    }
+
+    /// Notifies `changed` (the heartbeat's trigger) whenever a mutating task finishes, so
+    /// the control plane hears about freed or taken CPUs and new cached images at once.
+    pub fn with_change_notify(mut self, changed: Arc<Notify>) -> AgentService {
+        self.changed = Some(changed);
+        self
+    }
+
+    /// Answers a mutating RPC, and notifies once its task is done.
+    fn task(&self, r: Result<Task, AgentError>) -> Result<Response<Task>, Status> {
+        if let (Some(n), Ok(t)) = (&self.changed, &r) {
+            let (rt, n, id) = (self.rt.clone(), n.clone(), t.task_id.clone());
+            tokio::spawn(async move {
+                // get_task waits at most its own cap per call: ask again while it runs.
+                while let Ok(t) = rt.get_task(&id, Duration::from_secs(600)).await {
+                    if t.state != TaskState::Running as i32 {
+                        break;
+                    }
+                }
+                n.notify_one();
+            });
+        }
+        ok(r)
     }
 }
 
@@ -64,7 +90,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl VmRuntimeService for AgentService {
     #[instrument(name = "rpc.CreateVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn create_vm(&self, req: Request<CreateVmRequest>) -> Result<Response<Task>, Status> {
-        ok(self.rt.create_vm(req.into_inner()).await)
+        self.task(self.rt.create_vm(req.into_inner()).await)
     }
 
     #[instrument(name = "rpc.GetVm", skip_all, fields(vm_id = %req.get_ref().vm_id))]
@@ -80,49 +106,49 @@ impl VmRuntimeService for AgentService {
     #[instrument(name = "rpc.DeleteVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn delete_vm(&self, req: Request<DeleteVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.delete_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.delete_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.StartVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.start_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.start_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.StopVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.stop_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
+        self.task(self.rt.stop_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
     }
 
     #[instrument(name = "rpc.PoweroffVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn poweroff_vm(&self, req: Request<PoweroffVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.poweroff_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.poweroff_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.RebootVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn reboot_vm(&self, req: Request<RebootVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.reboot_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
+        self.task(self.rt.reboot_vm(&r.task_id, &r.vm_id, r.timeout_seconds).await)
     }
 
     #[instrument(name = "rpc.PauseVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn pause_vm(&self, req: Request<PauseVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.pause_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.pause_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.ResumeVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn resume_vm(&self, req: Request<ResumeVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.resume_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.resume_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.ResetVm", skip_all, fields(task_id = %req.get_ref().task_id, vm_id = %req.get_ref().vm_id))]
     async fn reset_vm(&self, req: Request<ResetVmRequest>) -> Result<Response<Task>, Status> {
         let r = req.get_ref();
-        ok(self.rt.reset_vm(&r.task_id, &r.vm_id).await)
+        self.task(self.rt.reset_vm(&r.task_id, &r.vm_id).await)
     }
 
     #[instrument(name = "rpc.ListPools", skip_all)]
