@@ -16,7 +16,7 @@ deps: ## Install the system packages and tools that are missing
 
 build: deps ## Build every binary into bin/
 	$(CARGO) build --workspace --bins
-	@mkdir -p bin && for b in otherix-api otherix-agent; do install -m 0755 target/debug/$$b bin/$$b; done
+	@mkdir -p bin && for b in otherix-api otherix-agent otherix; do install -m 0755 target/debug/$$b bin/$$b; done
 
 build-api: deps ## Build bin/otherix-api
 	$(CARGO) build -p otherix-api --bin otherix-api

@@ -8,6 +8,12 @@
 //! RFC 3339 with `Z`, and 64-bit integers as JSON numbers.
 
 mod json;
+
+/// Renders a message as the REST surface does (proto field names, unset
+/// messages left out), for clients that print API objects.
+pub fn render_json(msg: &DynamicMessage) -> Result<serde_json::Value, ApiError> {
+    json::message_to_json(msg)
+}
 pub mod template;
 
 use std::convert::Infallible;
