@@ -312,3 +312,34 @@ async fn lifecycle_unreachable_gone_readmit_cordon_delete() {
     assert_eq!(beat(&h, &ca, &a).await.err().map(|e| e.code), Some(ErrorCode::Unauthenticated));
     assert_eq!(call(h.http.get(h.url("/v1/nodes/node-a"))).await.0, 404);
 }
+
+#[tokio::test]
+async fn memory_pressure_sets_after_consecutive_reports_and_clears_at_once() {
+    let h = harness().await;
+    let (ca, _) = ca_pem(&h).await;
+    let (_, t) = call(h.http.post(h.url("/v1/nodes/join-tokens")).json(&json!({}))).await;
+    let a = join(&h, &ca, t["token"].as_str().unwrap(), "node-p").await.unwrap();
+    let (_, tx, mut rx) = beat(&h, &ca, &a).await.unwrap();
+    let low = |free: u64| HeartbeatRequest {
+        resources: Some(Resources { memory_available_bytes: free, ..report().resources.unwrap() }),
+        ..report()
+    };
+    // 4 GiB total: 200 MiB free is under the 10% threshold.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        tx.send(low(200 << 20)).await.unwrap();
+        rx.message().await.unwrap().unwrap();
+        let n = node_status(&h, "node-p").await;
+        seen.push((n["pressure"]["memory"]["active"].as_bool(), n["pressure"]["memory"]["consecutive_count"].as_i64()));
+    }
+    assert_eq!(seen, [(Some(false), Some(1)), (Some(false), Some(2)), (Some(true), Some(3))]);
+    assert!(node_status(&h, "node-p").await["pressure"]["memory"]["since"].is_string());
+    assert_eq!(node_status(&h, "node-p").await["pressure"]["system_disk"]["active"], false);
+    tx.send(low(3 << 30)).await.unwrap();
+    rx.message().await.unwrap().unwrap();
+    let n = node_status(&h, "node-p").await;
+    assert_eq!(
+        (n["pressure"]["memory"]["active"].as_bool(), n["pressure"]["memory"]["consecutive_count"].as_i64()),
+        (Some(false), Some(0))
+    );
+}
