@@ -40,8 +40,11 @@ pub struct BootstrapFlags {
     pub listen: Option<String>,
 }
 
+/// Paths go into the written config as absolute paths, so `serve` runs with
+/// it from any working directory.
 fn path_value(p: &Path) -> Value {
-    Value::String(p.display().to_string())
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    Value::String(abs.display().to_string())
 }
 
 fn get<'a>(tree: &'a Value, path: &[&str]) -> Option<&'a Value> {
