@@ -63,3 +63,104 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The bootstrap admin every end-to-end control plane starts with.
+pub const ADMIN_EMAIL: &str = "admin@otherix.local";
+/// Its password.
+pub const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
+
+/// A real otherix-api process with its own etcd member, on free loopback
+/// ports, its state and log in a directory the test owns.
+#[derive(Debug)]
+pub struct ApiProcess {
+    /// The running process (killed on drop).
+    pub process: KillOnDrop,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// The agent listener's port.
+    pub agent_port: u16,
+    /// The config file, for restarts.
+    pub config: PathBuf,
+    /// The log file (appended across restarts).
+    pub log: PathBuf,
+}
+
+impl ApiProcess {
+    /// Writes a config into `dir` (`extra` is appended YAML, e.g. a `nodes:`
+    /// section), starts otherix-api and waits until it is ready.
+    pub async fn start(dir: &std::path::Path, extra: &str) -> ApiProcess {
+        let (port, agent_port, client, peer) = (free_port(), free_port(), free_port(), free_port());
+        let config = dir.join("api.yaml");
+        let text = format!(
+            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\n\
+             etcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n\
+             logger:\n  level: info\n{extra}",
+            state = dir.join("api-state").display()
+        );
+        std::fs::write(&config, text).expect("write the api config");
+        let log = dir.join("api.log");
+        let process = Self::spawn(&config, &log).await;
+        let api = ApiProcess { process, base: format!("http://127.0.0.1:{port}"), agent_port, config, log };
+        api.wait_ready().await;
+        api
+    }
+
+    async fn spawn(config: &std::path::Path, log: &std::path::Path) -> KillOnDrop {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the api log");
+        let child = std::process::Command::new(binary("otherix-api"))
+            .arg("--config")
+            .arg(config)
+            .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
+            .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn otherix-api");
+        KillOnDrop(child)
+    }
+
+    /// Waits until `/readyz` answers and the agent listener accepts connections.
+    pub async fn wait_ready(&self) {
+        let client = http();
+        let base = &self.base;
+        let ready = eventually(
+            Duration::from_secs(60),
+            async || matches!(client.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
+        )
+        .await;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(ready, "otherix-api not ready; its log:\n{log}");
+        let port = self.agent_port;
+        let listening = eventually(Duration::from_secs(30), async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(listening, "the agent listener is not up");
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+    }
+
+    /// Starts the process again with the same config and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.process = Self::spawn(&self.config, &self.log).await;
+        self.wait_ready().await;
+    }
+
+    /// The admin's access token.
+    pub async fn login(&self) -> String {
+        let r = http()
+            .post(format!("{}/v1/auth/login", self.base))
+            .json(&serde_json::json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(r.status(), 200, "admin login");
+        let body: serde_json::Value = r.json().await.expect("login answer");
+        body["access_token"].as_str().expect("access_token").to_owned()
+    }
+}

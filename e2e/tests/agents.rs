@@ -7,15 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use otherix_e2e::{KillOnDrop, binary, eventually, free_port, http};
+use otherix_e2e::{ApiProcess, KillOnDrop, binary, eventually, free_port, http};
 use serde_json::{Value, json};
-
-const ADMIN_EMAIL: &str = "admin@otherix.local";
-const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
 
 /// A running control plane with an admin session.
 struct Cp {
-    _proc: KillOnDrop,
+    _api: ApiProcess,
     base: String,
     cp_url: String,
     jwt: String,
@@ -24,52 +21,16 @@ struct Cp {
 
 impl Cp {
     async fn start(dir: &Path) -> Cp {
-        let (port, agent_port, client, peer) = (free_port(), free_port(), free_port(), free_port());
-        let config = dir.join("api.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\n\
-                 etcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n\
-                 nodes:\n  heartbeat_interval_seconds: 1\n  stale_threshold_seconds: 3\nlogger:\n  level: info\n",
-                state = dir.join("api-state").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("api.log")).unwrap();
-        let child = Command::new(binary("otherix-api"))
-            .arg("--config")
-            .arg(&config)
-            .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
-            .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let proc_ = KillOnDrop(child);
-        let base = format!("http://127.0.0.1:{port}");
-        let http = http();
-        let ready = eventually(
-            Duration::from_secs(60),
-            async || matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
-        )
-        .await;
-        assert!(ready, "otherix-api not ready: {}", read(&dir.join("api.log")));
-        let listening = eventually(Duration::from_secs(30), async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", agent_port)).await.is_ok()
-        })
-        .await;
-        assert!(listening, "the agent listener is not up");
-        let r = http
-            .post(format!("{base}/v1/auth/login"))
-            .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let jwt = r.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
-        Cp { _proc: proc_, base, cp_url: format!("https://127.0.0.1:{agent_port}"), jwt, http }
+        let api =
+            ApiProcess::start(dir, "nodes:\n  heartbeat_interval_seconds: 1\n  stale_threshold_seconds: 3\n").await;
+        let jwt = api.login().await;
+        Cp {
+            base: api.base.clone(),
+            cp_url: format!("https://127.0.0.1:{}", api.agent_port),
+            jwt,
+            http: http(),
+            _api: api,
+        }
     }
 
     /// A join token: (token, CA fingerprint, id).

@@ -2,63 +2,14 @@
 //! what it stored survives a kill -9.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use otherix_e2e::{alive, binary, eventually, free_port, http};
+use otherix_e2e::{ApiProcess, alive, binary, eventually, http};
 use serde_json::{Value, json};
 
-struct Api {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        // A failing assertion must not leave the server running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &Path, port: u16, client: u16, peer: u16) -> std::path::PathBuf {
-    let path = dir.join("api.yaml");
-    let text = format!(
-        "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:0\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\nlogger:\n  level: info\n",
-        state = dir.join("state").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const ADMIN_EMAIL: &str = "admin@otherix.local";
-const ADMIN_PASSWORD: &str = "correct-horse-battery-staple";
-
-async fn start(config: &Path, port: u16, log: &Path) -> Api {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = Command::new(binary("otherix-api"))
-        .arg("--config")
-        .arg(config)
-        .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", ADMIN_EMAIL)
-        .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = http();
-    let ready = eventually(
-        Duration::from_secs(30),
-        async || matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
-    )
-    .await;
-    assert!(ready, "otherix-api not ready");
-    Api { child, base }
-}
-
 fn etcd_pid(dir: &Path) -> u32 {
-    std::fs::read_to_string(dir.join("state/etcd.pid")).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(dir.join("api-state/etcd.pid")).unwrap().trim().parse().unwrap()
 }
 
 fn signal(pid: u32, sig: i32) {
@@ -69,29 +20,13 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-async fn login(http: &reqwest::Client, base: &str) -> String {
-    let r = http
-        .post(format!("{base}/v1/auth/login"))
-        .json(&json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, client, peer) = (free_port(), free_port(), free_port());
-    let config = write_config(dir.path(), port, client, peer);
-    let log = dir.path().join("api.log");
     let http = http();
-
-    let mut api = start(&config, port, &log).await;
+    let mut api = ApiProcess::start(dir.path(), "").await;
     let url = format!("{}/v1/cluster/default-pool", api.base);
-    let jwt = login(&http, &api.base).await;
+    let jwt = api.login().await;
     let r = http.put(&url).bearer_auth(&jwt).json(&json!({"name": "survives-crash"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = http
@@ -113,12 +48,11 @@ async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
     let first_etcd = etcd_pid(dir.path());
     assert!(alive(first_etcd));
 
-    api.child.kill().unwrap(); // SIGKILL
-    api.child.wait().unwrap();
+    api.kill();
     let gone = eventually(Duration::from_secs(10), async || !alive(first_etcd)).await;
     assert!(gone, "etcd member {first_etcd} outlived its kill -9ed control plane");
 
-    let mut api = start(&config, port, &log).await;
+    api.restart().await;
     // The JWT and the API token issued before the crash still work, and so
     // does the user created then.
     let body: Value = http.get(&url).bearer_auth(&jwt).send().await.unwrap().json().await.unwrap();
@@ -144,11 +78,11 @@ async fn kill_9_leaves_no_etcd_behind_and_loses_nothing() {
     assert_ne!(second_etcd, first_etcd);
 
     // A clean stop takes the member down and removes its pidfile.
-    signal(api.child.id(), libc::SIGTERM);
-    let status = api.child.wait().unwrap();
+    signal(api.process.0.id(), libc::SIGTERM);
+    let status = api.process.0.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(!alive(second_etcd));
-    assert!(!dir.path().join("state/etcd.pid").exists());
+    assert!(!dir.path().join("api-state/etcd.pid").exists());
 }
 
 #[tokio::test]

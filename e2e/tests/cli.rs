@@ -1,15 +1,13 @@
 //! The `otherix` CLI as an operator runs it, against a real otherix-api
 //! process with a simulated enrolled agent (real join, real mTLS heartbeat).
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use otherix_e2e::{KillOnDrop, binary, eventually, free_port, http};
+use otherix_e2e::{ApiProcess, binary, http};
 use otherix_proto::otherix::agent::v1::enrolment_service_client::EnrolmentServiceClient;
 use otherix_proto::otherix::agent::v1::heartbeat_service_client::HeartbeatServiceClient;
 use otherix_proto::otherix::agent::v1::{Capabilities, HeartbeatRequest, JoinRequest, Resources};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn otherix(endpoint: Option<&str>, token: Option<&str>, args: &[&str]) -> Output {
@@ -28,42 +26,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-async fn start_api(dir: &Path) -> (KillOnDrop, String, u16) {
-    let (port, agent_port, client, peer) = (free_port(), free_port(), free_port(), free_port());
-    let config = dir.join("api.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n",
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(binary("otherix-api"))
-        .arg("--config")
-        .arg(&config)
-        .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", "admin@otherix.local")
-        .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", "correct-horse-battery-staple")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let client = http();
-    let ready = eventually(
-        Duration::from_secs(30),
-        async || matches!(client.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
-    )
-    .await;
-    assert!(ready);
-    (guard, base, agent_port)
-}
-
 #[tokio::test]
 async fn operators_manage_nodes_and_join_tokens_with_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let (_api, base, agent_port) = start_api(dir.path()).await;
+    let api = ApiProcess::start(dir.path(), "").await;
+    let (base, agent_port) = (api.base.clone(), api.agent_port);
 
     // The CLI refuses to guess where to go or who it is.
     let out = otherix(None, None, &["node", "list"]);
@@ -77,16 +44,7 @@ async fn operators_manage_nodes_and_join_tokens_with_the_cli() {
     let out = otherix(Some("http://127.0.0.1:1"), Some("x"), &["node", "list"]);
     assert!(text(&out.stderr).starts_with("connection_refused: "), "{}", text(&out.stderr));
 
-    let login: Value = http()
-        .post(format!("{base}/v1/auth/login"))
-        .json(&json!({"email": "admin@otherix.local", "password": "correct-horse-battery-staple"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
+    let token = api.login().await;
     let cli = |args: &[&str]| otherix(Some(&base), Some(&token), args);
 
     // The seed's seed-dev step: a join token as JSON.

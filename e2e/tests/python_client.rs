@@ -3,10 +3,9 @@
 //! users against a running otherix-api.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use otherix_e2e::{KillOnDrop, binary, eventually, free_port, http};
+use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess};
 use serde_json::Value;
 
 fn run(cmd: &mut Command) -> String {
@@ -58,41 +57,15 @@ async fn a_generated_python_client_logs_in_creates_a_token_and_lists_users() {
         .current_dir(root.join("proto")));
 
     let dir = tempfile::tempdir().unwrap();
-    let (port, client, peer) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("api.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:0\netcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Command::new(binary("otherix-api"))
-        .arg("--config")
-        .arg(&config)
-        .env("OTHERIX_BOOTSTRAP_ADMIN_EMAIL", "admin@otherix.local")
-        .env("OTHERIX_BOOTSTRAP_ADMIN_PASSWORD", "correct-horse-battery-staple")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let api = KillOnDrop(api);
-    let base = format!("http://127.0.0.1:{port}");
-    let client_http = http();
-    let ready = eventually(
-        Duration::from_secs(30),
-        async || matches!(client_http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200),
-    )
-    .await;
-    assert!(ready);
+    let api = ApiProcess::start(dir.path(), "").await;
+    let target = api.base.trim_start_matches("http://").to_owned();
 
     let out = run(Command::new(&python)
         .arg(root.join("e2e/python/client_smoke.py"))
         .arg(gen_dir.path())
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("admin@otherix.local")
-        .arg("correct-horse-battery-staple"));
+        .arg(&target)
+        .arg(ADMIN_EMAIL)
+        .arg(ADMIN_PASSWORD));
     drop(api);
     let summary: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["user"], "admin");
