@@ -29,3 +29,10 @@ pub async fn readyz(State(store): State<Store>) -> (StatusCode, Json<Value>) {
         }
     }
 }
+
+/// Readiness while starting: never ready; says whether the store answers yet.
+pub async fn readyz_starting(State(store): State<Store>) -> (StatusCode, Json<Value>) {
+    let answers = matches!(tokio::time::timeout(Duration::from_secs(2), store.health()).await, Ok(Ok(_)));
+    let reason = if answers { "starting" } else { "store_unavailable" };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "reason": reason})))
+}

@@ -92,16 +92,6 @@ impl ApiServer {
             None => config.etcd.endpoints.clone(),
         };
         let store = Store::connect(&endpoints, Duration::from_secs(config.etcd.request_timeout_seconds)).await?;
-        let identity = std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth));
-        prepare_identity(&identity, &options).await?;
-        let ca = nodes::ensure_ca(&store).await?;
-        let hub = std::sync::Arc::new(nodes::NodeHub::new(
-            store.clone(),
-            ca,
-            config.nodes.clone(),
-            config.storage_pools.default_pool_name.clone(),
-        ));
-        let app = server::build_router(&config, store.clone(), identity.clone(), hub.clone()).await?;
         let tls = match &config.server.tls {
             Some(t) => Some(server::tls_config(&t.cert_file, &t.key_file)?),
             None => None,
@@ -109,6 +99,49 @@ impl ApiServer {
         let addr = config.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+
+        // The listener opens at once: until the store answers and identity
+        // and the CA are in place it serves /healthz, a 503 /readyz, and 503
+        // request_timeout for every call (an external etcd may be down).
+        let current = std::sync::Arc::new(std::sync::RwLock::new(server::starting_router(store.clone())));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+        let mut stopped = stop_rx.clone();
+        let app = server::switch(current.clone());
+        let serve = tokio::spawn(async move {
+            server::serve(listener, app, tls, async move { drop(stopped.wait_for(|s| *s).await) }, grace).await;
+        });
+        let prepared = async {
+            let identity = std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth));
+            prepare_identity(&identity, &options).await?;
+            let ca = nodes::ensure_ca(&store).await?;
+            let hub = std::sync::Arc::new(nodes::NodeHub::new(
+                store.clone(),
+                ca,
+                config.nodes.clone(),
+                config.storage_pools.default_pool_name.clone(),
+            ));
+            let full = server::build_router(&config, store.clone(), identity.clone(), hub.clone()).await?;
+            let agent = match config.agent_server.enabled {
+                true => {
+                    let (listener, tls, app) = server::agent_listener(&config, addr, identity, hub.clone()).await?;
+                    let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+                    Some((listener, tls, app, bound))
+                }
+                false => None,
+            };
+            Ok::<_, StartError>((hub, full, agent))
+        }
+        .await;
+        let (hub, full, agent) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                let _ = serve.await;
+                return Err(e);
+            }
+        };
+        *current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = full;
 
         let seed = {
             let store = store.clone();
@@ -121,18 +154,11 @@ impl ApiServer {
                 }
             })
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-        let mut stopped = stop_rx.clone();
-        let serve = tokio::spawn(async move {
-            server::serve(listener, app, tls, async move { drop(stopped.wait_for(|s| *s).await) }, grace).await;
-        });
         let background = vec![seed, tokio::spawn(nodes::liveness::run(hub.clone()))];
         let mut agent_addr = None;
         let mut agent_serve = None;
-        if config.agent_server.enabled {
-            let (agent_listener, agent_tls, agent_app) = server::agent_listener(&config, addr, identity, hub).await?;
-            agent_addr = Some(agent_listener.local_addr().map_err(|source| StartError::Bind { addr, source })?);
+        if let Some((agent_listener, agent_tls, agent_app, bound)) = agent {
+            agent_addr = Some(bound);
             let mut stopped = stop_rx.clone();
             agent_serve = Some(tokio::spawn(async move {
                 server::serve(

@@ -47,7 +47,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|m| anyhow::anyhow!(m))
         .context("invalid bootstrap admin")?;
     let options = otherix_api::StartOptions { bootstrap_admin };
-    let server = ApiServer::start_with(config, options).await.context("otherix-api failed to start")?;
+    // The listener answers /healthz and a 503 /readyz while start-up waits
+    // for the store; a signal during that wait ends the process.
+    let server = tokio::select! {
+        started = ApiServer::start_with(config, options) => started.context("otherix-api failed to start")?,
+        () = shutdown_signal() => {
+            tracing::info!("interrupted during start-up");
+            return Ok(());
+        }
+    };
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

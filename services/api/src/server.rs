@@ -111,6 +111,36 @@ pub async fn build_router(
     Ok(health_routes.fallback_service(dispatch(grpc, gateway)))
 }
 
+/// The router while otherix-api starts: `/healthz`, a 503 `/readyz`, and
+/// 503 `request_timeout` for everything else, gRPC and REST alike.
+pub fn starting_router(store: Store) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz_starting))
+        .with_state(store)
+        .fallback(|req: Request<Body>| async move {
+            let e = otherix_errors::ApiError::new(
+                otherix_errors::ErrorCode::RequestTimeout,
+                "otherix-api is starting: waiting for the store",
+            );
+            let ct = req.headers().get(http::header::CONTENT_TYPE).cloned();
+            if ct.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc")) {
+                authz::grpc_error(ct.as_ref(), &e)
+            } else {
+                error_response(&e)
+            }
+        })
+}
+
+/// A router that forwards to whatever `current` holds: the starting router,
+/// then the full one.
+pub fn switch(current: Arc<std::sync::RwLock<axum::Router>>) -> axum::Router {
+    axum::Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+        let router = current.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        async move { router.oneshot(req).await }
+    }))
+}
+
 /// Routes what no explicit route took: gRPC and grpc-web by content type to
 /// the gRPC router, `/v1/...` to the REST gateway, anything else to a JSON 404.
 fn dispatch(

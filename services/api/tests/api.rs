@@ -192,3 +192,44 @@ async fn readyz_fails_while_the_store_is_down() {
     assert_eq!(body["error"]["code"], "request_timeout");
     api.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_external_etcd_that_is_down_at_start_shows_in_readyz() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (client, peer) = otherix_etcd_member::free_ports().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = otherix_api::Config::default();
+    config.server.listen = format!("127.0.0.1:{port}");
+    config.agent_server.listen = "127.0.0.1:0".into();
+    config.etcd.endpoints = vec![format!("http://127.0.0.1:{client}")];
+    config.etcd.request_timeout_seconds = 1;
+    config.state_dir = state.path().to_owned();
+    let starting = tokio::spawn(otherix_api::ApiServer::start_with(config, common::options()));
+
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut seen = None;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            seen = Some((r.status().as_u16(), r.json::<Value>().await.unwrap()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = seen.expect("the listener opens while the store is down");
+    assert_eq!((status, body["reason"].as_str()), (503, Some("store_unavailable")));
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let (s, body) = json_of(http.get(format!("{base}/v1/users/me")).send().await.unwrap()).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (503, Some("request_timeout")));
+    assert!(!starting.is_finished());
+
+    // The store comes up: start-up completes and the server is ready.
+    let etcd = otherix_testkit::TestEtcd::start_on(client, peer).await;
+    let api = tokio::time::timeout(Duration::from_secs(30), starting).await.unwrap().unwrap().unwrap();
+    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    let login = common::login(&http, &base, common::ADMIN, common::ADMIN_PASSWORD).await;
+    assert!(login["access_token"].is_string());
+    api.shutdown().await;
+    drop(etcd);
+}

@@ -207,8 +207,12 @@ impl Member {
                 tracing::info!(url = %member.config.client_url, pid = ?member.pid(), "etcd member healthy");
                 return Ok(member);
             }
-            if let MemberState::Restarting { last_exit } = &*state.borrow_and_update() {
-                let status = last_exit.clone();
+            // Copy the state out: the watch guard must not live across an await.
+            let exited = match &*state.borrow_and_update() {
+                MemberState::Restarting { last_exit } => Some(last_exit.clone()),
+                _ => None,
+            };
+            if let Some(status) = exited {
                 member.stop().await;
                 return Err(MemberError::ExitedEarly { status });
             }

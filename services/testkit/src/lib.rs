@@ -13,8 +13,13 @@ pub struct TestEtcd {
 impl TestEtcd {
     /// Starts a fresh member.
     pub async fn start() -> TestEtcd {
-        let dir = tempfile::tempdir().expect("tempdir");
         let (client, peer) = free_ports().expect("free ports");
+        Self::start_on(client, peer).await
+    }
+
+    /// Starts a fresh member on the given loopback ports.
+    pub async fn start_on(client: u16, peer: u16) -> TestEtcd {
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = MemberConfig::new("test", &dir.path().join("etcd"), client, peer);
         cfg.heartbeat_interval_ms = 10;
         cfg.election_timeout_ms = 100;
