@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use otherix_agent::service::error_code;
-use otherix_agent_testkit::{BOOT_MARKER, HttpServer, Route, TestDir, vm_slots, wait_for};
+use otherix_agent_testkit::{AgentProcess, BOOT_MARKER, HttpServer, Route, TestDir, vm_slots, wait_for};
 use otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient;
 use otherix_proto::otherix::agent::v1::{
     CloudInit, ConsoleOpen, ConsoleRequest, CreateVmRequest, DeleteVmRequest, GetTaskRequest, ImageFormat, ImageSource,
@@ -22,37 +21,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 type Client = VmRuntimeServiceClient<Channel>;
 
-/// The agent process; SIGKILLed on drop if still running.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn start(config: &Path, log: &Path) -> Agent {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_otherix-agent"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn otherix-agent");
-        Agent { child }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the agent binary built for these tests.
+fn start_agent(config: &Path, log: &Path) -> AgentProcess {
+    AgentProcess::start(Path::new(env!("CARGO_BIN_EXE_otherix-agent")), config, log)
 }
 
 async fn connect(socket: PathBuf) -> Client {
@@ -197,7 +168,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     .unwrap();
     let agent_log = dir.path.join("agent.log");
 
-    let mut agent = Agent::start(&config, &agent_log);
+    let mut agent = start_agent(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
@@ -268,7 +239,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     }
 
     // A new agent re-adopts both: same pids, running, console and log work, stop works.
-    let mut agent2 = Agent::start(&config, &agent_log);
+    let mut agent2 = start_agent(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
     let vms = c.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
     assert_eq!(vms.len(), 2);
@@ -329,7 +300,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid_a).unwrap(), rustix::process::Signal::KILL)
         .unwrap();
     wait_for("qemu a to end", Duration::from_secs(10), || async { (!pid_alive_as_vm(pid_a, &a)).then_some(()) }).await;
-    let _agent3 = Agent::start(&config, &agent_log);
+    let _agent3 = start_agent(&config, &agent_log);
     let mut c = connect(socket.clone()).await;
     let v = c.get_vm(otherix_proto::otherix::agent::v1::GetVmRequest { vm_id: a.clone() }).await.unwrap().into_inner();
     assert_eq!((v.phase, v.reason.as_str(), v.pid), (VmPhase::Stopped as i32, "process_gone", 0));

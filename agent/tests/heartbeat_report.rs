@@ -8,12 +8,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use otherix_agent_testkit::{HttpServer, Route, TestDir, sha256_file, vm_slots, wait_for};
+use otherix_agent_testkit::{AgentProcess, HttpServer, Route, TestDir, sha256_file, vm_slots, wait_for};
 use otherix_pki::ClusterCa;
 use otherix_proto::otherix::agent::v1::heartbeat_service_server::{HeartbeatService, HeartbeatServiceServer};
 use otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient;
@@ -101,15 +100,6 @@ fn write_material(ca: &ClusterCa, dir: &Path, node: &str) {
     std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn connect(socket: std::path::PathBuf) -> VmRuntimeServiceClient<Channel> {
     let ch = wait_for("the agent socket", Duration::from_secs(60), || {
         let socket = socket.clone();
@@ -187,17 +177,10 @@ async fn reports_accelerator_pools_cache_and_cpus() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path.join("agent.log")).unwrap();
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_otherix-agent"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let _agent = AgentProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_otherix-agent")),
+        &config,
+        &dir.path.join("agent.log"),
     );
     let agent_log = || std::fs::read_to_string(dir.path.join("agent.log")).unwrap_or_default();
 

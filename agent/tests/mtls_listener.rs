@@ -3,25 +3,15 @@
 //! from another CA and a client without a certificate are all refused. No QEMU.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use otherix_agent_testkit::TestDir;
+use otherix_agent_testkit::{AgentProcess, TestDir};
 use otherix_pki::ClusterCa;
 use otherix_proto::otherix::agent::v1::ListPoolsRequest;
 use otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const VALIDITY: Duration = Duration::from_secs(3600);
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn write_material(ca: &ClusterCa, dir: &Path, node: &str) {
     use std::os::unix::fs::PermissionsExt as _;
@@ -81,17 +71,10 @@ async fn only_the_control_plane_is_served() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path.join("agent.log")).unwrap();
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_otherix-agent"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let _agent = AgentProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_otherix-agent")),
+        &config,
+        &dir.path.join("agent.log"),
     );
 
     let replica = ca.issue_server_cert(&["localhost".into()], VALIDITY).unwrap();

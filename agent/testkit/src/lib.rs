@@ -322,3 +322,40 @@ pub fn write_file(path: &Path, bytes: &[u8]) {
     let mut f = File::create(path).expect("create fixture");
     f.write_all(bytes).expect("write fixture");
 }
+
+/// A running `otherix-agent serve` process, its log appended to a file;
+/// SIGKILLed on drop if still running, so a failing test leaves nothing behind.
+#[derive(Debug)]
+pub struct AgentProcess {
+    /// The process.
+    pub child: std::process::Child,
+}
+
+impl AgentProcess {
+    /// Starts `binary serve --config <config>` with `RUST_LOG=info`, stderr appended to `log`.
+    pub fn start(binary: &Path, config: &Path, log: &Path) -> AgentProcess {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the agent log");
+        let child = std::process::Command::new(binary)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .expect("spawn otherix-agent");
+        AgentProcess { child }
+    }
+
+    /// SIGKILL, and wait for the exit.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
