@@ -19,7 +19,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
 /// The default heartbeat interval in seconds (`heartbeat.interval_seconds`).
 pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
 /// The prefix of environment overrides.
-pub const ENV_PREFIX: &str = "OTHERIX_";
+pub use otherix_config::ENV_PREFIX;
 /// The sections environment variables may override. `server`, `log` and `runtime` are left
 /// out: `OTHERIX_SERVER__LISTEN` is the control plane's, and the agent must not pick it up
 /// on a machine that runs both.
@@ -211,10 +211,7 @@ impl AgentConfig {
     /// Builds a config from a YAML tree and environment overrides, then checks it.
     pub fn from_tree(mut tree: Value, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<AgentConfig> {
         apply_env(&mut tree, env)?;
-        let cfg: AgentConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
-            let key = e.path().to_string();
-            anyhow::anyhow!("{}: {}", if key == "." { "(top level)" } else { &key }, e.into_inner())
-        })?;
+        let cfg: AgentConfig = otherix_config::deserialize(tree)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -252,61 +249,25 @@ impl AgentConfig {
 
 /// Reads a YAML file as a tree (an empty file is an empty mapping).
 pub fn read_tree(path: &Path) -> anyhow::Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
-    parse_tree(&text).with_context(|| format!("config {}", path.display()))
+    Ok(otherix_config::read_tree(path)?)
 }
 
 /// Parses YAML text as a tree (an empty document is an empty mapping).
 pub fn parse_tree(text: &str) -> anyhow::Result<Value> {
-    if text.trim().is_empty() {
-        return Ok(Value::Object(Map::new()));
-    }
-    match yaml_serde::from_str::<Value>(text)? {
-        Value::Null => Ok(Value::Object(Map::new())),
-        v @ Value::Object(_) => Ok(v),
-        _ => bail!("the top level must be a mapping"),
-    }
+    otherix_config::parse_tree(text).map_err(|m| anyhow::anyhow!(m))
 }
 
 /// Sets `section.key` (creating the section) in a tree.
 pub fn set_key(tree: &mut Value, path: &[&str], value: Value) -> anyhow::Result<()> {
-    let Some((last, parents)) = path.split_last() else { bail!("empty key") };
-    let mut node = tree;
-    for seg in parents {
-        let obj = node.as_object_mut().with_context(|| format!("{} is not a mapping", path.join(".")))?;
-        node = obj.entry((*seg).to_string()).or_insert_with(|| Value::Object(Map::new()));
-        if node.is_null() {
-            *node = Value::Object(Map::new());
-        }
-    }
-    let obj = node.as_object_mut().with_context(|| format!("{} is not a mapping", path.join(".")))?;
-    obj.insert((*last).to_string(), value);
-    Ok(())
+    Ok(otherix_config::set_key(tree, path, value)?)
 }
 
 /// Applies `OTHERIX_<SECTION>__<KEY>=value` overrides for [`ENV_SECTIONS`]; other
 /// `OTHERIX_` variables are not the agent's and are left alone.
 pub fn apply_env(tree: &mut Value, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<()> {
-    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-    vars.sort();
-    for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        if path.len() < 2 || !ENV_SECTIONS.contains(&path[0].as_str()) {
-            continue;
-        }
-        if path.iter().any(String::is_empty) {
-            bail!("{name}: empty key segment");
-        }
-        let value = if STRING_SECTIONS.contains(&path[0].as_str()) || raw.is_empty() {
-            Value::String(raw)
-        } else {
-            // Read as YAML so numbers work.
-            yaml_serde::from_str(&raw).unwrap_or(Value::String(raw))
-        };
-        let segs: Vec<&str> = path.iter().map(String::as_str).collect();
-        set_key(tree, &segs, value).with_context(|| format!("environment variable {name}"))?;
-    }
-    Ok(())
+    Ok(otherix_config::Overlay::new(ENV_SECTIONS.iter().copied())
+        .with_string_sections(STRING_SECTIONS)
+        .apply(tree, env)?)
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ fn json<M: Message>(msg: &M, full_name: &str) -> String {
         .as_ref()
         .and_then(|p| p.get_message_by_name(full_name))
         .and_then(|d| DynamicMessage::decode(d, msg.encode_to_vec().as_slice()).ok())
-        .and_then(|m| otherix_gateway::render_json(&m).ok());
+        .and_then(|m| otherix_proto_json::message_to_json(&m).ok());
     rendered.map(|v| serde_json::to_string_pretty(&v).unwrap_or_default()).unwrap_or_else(|| "{}".into())
 }
 

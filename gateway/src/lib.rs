@@ -7,13 +7,7 @@
 //! output, lowerCamelCase accepted on input, enums by name, timestamps in
 //! RFC 3339 with `Z`, and 64-bit integers as JSON numbers.
 
-mod json;
-
-/// Renders a message as the REST surface does (proto field names, unset
-/// messages left out), for clients that print API objects.
-pub fn render_json(msg: &DynamicMessage) -> Result<serde_json::Value, ApiError> {
-    json::message_to_json(msg)
-}
+use otherix_proto_json as json;
 pub mod template;
 
 use std::convert::Infallible;
@@ -440,12 +434,19 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 /// Renders an error as the documented JSON envelope with its HTTP status.
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let body = serde_json::to_vec(&e.to_json()).unwrap_or_default();
-    json_response(e.code.http_status(), body)
+    let mut resp = json_response(e.code.http_status(), body);
+    if let Some(secs) = e.retry_after_seconds() {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
 }
 
 /// The JSON 404 for a path nothing serves.
 pub fn not_found(path: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no route for {path}")).with_detail("path", path)
+    ApiError::new(ErrorCode::NotFound, format!("no route for {path}"))
+        .with_detail("kind", "route")
+        .with_detail("name", path)
+        .with_detail("path", path)
 }
 
 fn too_large(limit: usize) -> ApiError {

@@ -9,38 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Why a config was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not YAML.
-    #[error("config file {path} is not valid YAML: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        message: String,
-    },
-    /// A key is unknown or has a value of the wrong type or range.
-    #[error("invalid config key {key}: {message}")]
-    Key {
-        /// The dotted key, e.g. `server.listen`.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use otherix_config::ConfigError;
 
 fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Key { key: key.to_owned(), message: message.into() }
+    ConfigError::key(key, message)
 }
 
 /// The whole configuration.
@@ -313,39 +285,17 @@ impl Default for StoragePoolsConfig {
 }
 
 /// The prefix of environment overrides.
-pub const ENV_PREFIX: &str = "OTHERIX_";
+pub use otherix_config::ENV_PREFIX;
 
 impl Config {
     /// Loads `path` (or the defaults when `None`) and applies overrides from `env`.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let mut tree = match path {
-            Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
-                let yaml: Value = if text.trim().is_empty() {
-                    Value::Object(Map::new())
-                } else {
-                    yaml_serde::from_str(&text)
-                        .map_err(|e| ConfigError::Syntax { path: p.to_owned(), message: e.to_string() })?
-                };
-                match yaml {
-                    Value::Object(_) => yaml,
-                    Value::Null => Value::Object(Map::new()),
-                    _ => {
-                        return Err(ConfigError::Syntax {
-                            path: p.to_owned(),
-                            message: "the top level must be a mapping".into(),
-                        });
-                    }
-                }
-            }
+            Some(p) => otherix_config::read_tree(p)?,
             None => Value::Object(Map::new()),
         };
-        apply_env(&mut tree, env)?;
-        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
-            let key = e.path().to_string();
-            key_err(if key == "." { "(top level)" } else { &key }, e.into_inner().to_string())
-        })?;
+        otherix_config::Overlay::of_defaults(&Config::default()).apply(&mut tree, env)?;
+        let config: Config = otherix_config::deserialize(tree)?;
         config.validate()?;
         Ok(config)
     }
@@ -460,44 +410,6 @@ fn tracing_subscriber_filter_ok(level: &str) -> Result<(), ()> {
     if ok && !level.is_empty() { Ok(()) } else { Err(()) }
 }
 
-/// Applies `OTHERIX_A__B=value` overrides whose first segment names a known
-/// top-level key; other `OTHERIX_` variables (the CLI's, bootstrap secrets)
-/// are not config and are left alone.
-fn apply_env(tree: &mut Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
-    let known: Vec<String> = match serde_json::to_value(Config::default()) {
-        Ok(Value::Object(m)) => m.keys().cloned().collect(),
-        _ => Vec::new(),
-    };
-    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-    vars.sort();
-    for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        if !known.contains(&path[0]) {
-            continue;
-        }
-        if path.iter().any(String::is_empty) {
-            return Err(key_err(&name, "empty key segment"));
-        }
-        // The value is read as YAML, so numbers, booleans and `[a, b]` lists work.
-        let value: Value = if raw.is_empty() {
-            Value::String(String::new())
-        } else {
-            yaml_serde::from_str(&raw).unwrap_or(Value::String(raw.clone()))
-        };
-        let mut node = &mut *tree;
-        for seg in &path[..path.len() - 1] {
-            let obj = node.as_object_mut().ok_or_else(|| key_err(&name, "overrides a key that is not a mapping"))?;
-            node = obj.entry(seg.clone()).or_insert_with(|| Value::Object(Map::new()));
-            if node.is_null() {
-                *node = Value::Object(Map::new());
-            }
-        }
-        let obj = node.as_object_mut().ok_or_else(|| key_err(&name, "overrides a key that is not a mapping"))?;
-        obj.insert(path[path.len() - 1].clone(), value);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,7 +495,7 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config/api.example.yaml"))
                 .unwrap();
         let example: Value = yaml_serde::from_str(&text).unwrap();
-        let parsed: Config = serde_path_to_error::deserialize(example.clone()).unwrap();
+        let parsed: Config = otherix_config::deserialize(example.clone()).unwrap();
         assert!(parsed.server.tls.is_some());
         let (mut documented, mut known) = (Vec::new(), Vec::new());
         key_paths(&example, "", &mut documented);

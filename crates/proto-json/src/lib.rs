@@ -17,7 +17,7 @@ const DESERIALIZE: DeserializeOptions = DeserializeOptions::new().deny_unknown_f
 const STRING_WKTS: &[&str] = &["google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"];
 
 /// Fills `msg` (or its body field) from a JSON request body.
-pub(crate) fn merge_body(
+pub fn merge_body(
     msg: &mut DynamicMessage,
     field: Option<&FieldDescriptor>,
     raw: &[u8],
@@ -47,7 +47,7 @@ pub(crate) fn merge_body(
 
 /// Binds `name=value` parameters (dotted field paths) into `msg`; a
 /// parameter naming a field in `reserved` (bound elsewhere) is refused.
-pub(crate) fn merge_params(
+pub fn merge_params(
     msg: &mut DynamicMessage,
     params: &[(String, String)],
     reserved: &[String],
@@ -155,7 +155,7 @@ fn kind_json(kind: &Kind, raw: &str) -> Result<Json, String> {
 
 /// Renders a message as proto3 JSON with proto field names; scalars at their
 /// default are shown, unset message and optional fields are left out.
-pub(crate) fn message_to_json(msg: &DynamicMessage) -> Result<Json, ApiError> {
+pub fn message_to_json(msg: &DynamicMessage) -> Result<Json, ApiError> {
     let mut json = msg.serialize_with_options(serde_json::value::Serializer, &SERIALIZE).map_err(|e| {
         tracing::error!(error = %e, "cannot render a response as JSON");
         ApiError::internal()
@@ -165,7 +165,7 @@ pub(crate) fn message_to_json(msg: &DynamicMessage) -> Result<Json, ApiError> {
 }
 
 /// Renders one field of a message (for `response_body`).
-pub(crate) fn field_to_json(msg: &DynamicMessage, field: &FieldDescriptor) -> Result<Json, ApiError> {
+pub fn field_to_json(msg: &DynamicMessage, field: &FieldDescriptor) -> Result<Json, ApiError> {
     let mut all = message_to_json(msg)?;
     Ok(all.as_object_mut().and_then(|o| o.remove(field.name())).unwrap_or(Json::Null))
 }

@@ -1,32 +1,44 @@
-//! Atomic file writes with explicit modes.
+//! File helpers shared by the Otherix binaries: directories with an exact
+//! mode, and atomic writes (temp file, fsync, rename, fsync of the directory)
+//! so a crash leaves either the old file or the new one, never a torn one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::PkiError;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+/// A file operation failed on `path`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", path.display())]
+pub struct FileError {
+    /// The path the operation was on.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    move |source| FileError { path: path.to_path_buf(), source }
 }
 
 /// Creates `dir` (and parents) if needed and sets its mode to `mode` (e.g. 0o700).
-pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), PkiError> {
+pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), FileError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err(dir))
 }
 
 /// Writes `contents` to `path` atomically: a temp file in the same directory created with
 /// `mode`, fsync, rename over `path`, fsync of the directory.
-pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let name = path
         .file_name()
-        .ok_or_else(|| PkiError::Io {
+        .ok_or_else(|| FileError {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"),
         })?
@@ -34,8 +46,8 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         .into_owned();
     let mut rnd = [0u8; 8];
     getrandom::fill(&mut rnd)
-        .map_err(|e| PkiError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", crate::fingerprint::to_hex(&rnd)));
+        .map_err(|e| FileError { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()));
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
         // The umask may have narrowed the mode at creation; set it exactly.
