@@ -8,6 +8,7 @@
 //! RFC 3339 with `Z`, and 64-bit integers as JSON numbers.
 
 use otherix_proto_json as json;
+pub mod drain;
 pub mod template;
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use http_body_util::{BodyExt, Limited};
 use otherix_errors::{ApiError, ErrorCode};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, MessageDescriptor, MethodDescriptor, Value};
+use serde_json::Value as Json;
 use tower::ServiceExt;
 
 pub use template::PathTemplate;
@@ -100,6 +102,19 @@ impl Route {
     }
 }
 
+/// Authenticates and authorizes a REST call before its body is validated,
+/// so an anonymous caller learns nothing about the request's shape. It may
+/// put what it learned (the caller) into `parts.extensions`, which travel
+/// with the gRPC call.
+pub trait Authorizer: Send + Sync + 'static {
+    /// Checks the caller of the RPC at `grpc_path`.
+    fn authorize<'a>(
+        &'a self,
+        grpc_path: &'a str,
+        parts: &'a mut http::request::Parts,
+    ) -> futures::future::BoxFuture<'a, Result<(), ApiError>>;
+}
+
 /// Settings for the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -115,6 +130,7 @@ pub struct Gateway {
     routes: std::sync::Arc<Vec<Route>>,
     inner: axum::Router,
     config: GatewayConfig,
+    authorizer: Option<std::sync::Arc<dyn Authorizer>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -254,7 +270,13 @@ fn resolve_path(msg: &MessageDescriptor, path: &str) -> Option<FieldDescriptor> 
 impl Gateway {
     /// A gateway over `routes` that calls `inner`, the gRPC router.
     pub fn new(routes: Vec<Route>, inner: axum::Router, config: GatewayConfig) -> Gateway {
-        Gateway { routes: std::sync::Arc::new(routes), inner, config }
+        Gateway { routes: std::sync::Arc::new(routes), inner, config, authorizer: None }
+    }
+
+    /// Checks every call with `authorizer` before reading its fields.
+    pub fn with_authorizer(mut self, authorizer: std::sync::Arc<dyn Authorizer>) -> Gateway {
+        self.authorizer = Some(authorizer);
+        self
     }
 
     /// The routes it serves.
@@ -262,12 +284,22 @@ impl Gateway {
         &self.routes
     }
 
-    /// Whether a path is one of ours (any method).
-    fn path_known(&self, path: &str) -> bool {
-        self.routes.iter().any(|r| r.template.matches(path).is_some())
+    /// The methods served on a path (HEAD with GET), for `Allow`.
+    fn allowed(&self, path: &str) -> Vec<Method> {
+        let mut out: Vec<Method> = Vec::new();
+        for r in self.routes.iter().filter(|r| r.template.matches(path).is_some()) {
+            if !out.contains(&r.http_method) {
+                out.push(r.http_method.clone());
+            }
+            if r.http_method == Method::GET && !out.contains(&Method::HEAD) {
+                out.push(Method::HEAD);
+            }
+        }
+        out
     }
 
     fn find(&self, method: &Method, path: &str) -> Option<(&Route, Vec<template::Binding>)> {
+        let method = if *method == Method::HEAD { &Method::GET } else { method };
         let mut best: Option<(&Route, Vec<template::Binding>)> = None;
         for r in self.routes.iter().filter(|r| r.http_method == *method) {
             if let Some(b) = r.template.matches(path)
@@ -281,24 +313,39 @@ impl Gateway {
 
     /// Serves one REST request.
     pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
-        match self.try_handle(req).await {
+        let head = req.method() == Method::HEAD;
+        let mut resp = match self.try_handle(req).await {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
+        };
+        if head {
+            // HEAD answers what GET would, without the body.
+            let len = http_body::Body::size_hint(resp.body()).exact();
+            *resp.body_mut() = Body::empty();
+            if let Some(len) = len {
+                resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
         }
+        resp
     }
 
     async fn try_handle(&self, req: Request<Body>) -> Result<Response<Body>, ApiError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
         let Some((route, bindings)) = self.find(&parts.method, &path) else {
-            if self.path_known(&path) {
-                return Err(ApiError::new(
-                    ErrorCode::MethodNotAllowed,
-                    format!("{} is not allowed on {path}", parts.method),
-                ));
+            let allowed = self.allowed(&path);
+            if !allowed.is_empty() {
+                let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                let e =
+                    ApiError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {path}", parts.method))
+                        .with_detail("allow", list.join(", "));
+                return Err(e);
             }
             return Err(not_found(&path));
         };
+        // The body is read in full before anything is answered, refusals
+        // included (see `drain` for why); only an announced oversize body is
+        // refused first, and the drain layer reads it after.
         if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             && len > self.config.max_body_bytes as u64
         {
@@ -311,6 +358,22 @@ impl Gateway {
             }
             Err(_) => return Err(ApiError::invalid_field("body", "the request body could not be read")),
         };
+        // Who is calling comes before what the call says.
+        if let Some(a) = &self.authorizer {
+            a.authorize(&route.grpc_path, &mut parts).await?;
+        }
+        let has_body = !raw.iter().all(u8::is_ascii_whitespace);
+        if has_body && let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or_default();
+            let essence = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::new(
+                    ErrorCode::UnsupportedMediaType,
+                    format!("request bodies are JSON: Content-Type {ct:?} is not application/json"),
+                )
+                .with_detail("content_type", ct));
+            }
+        }
         let input = route.method.input();
         let mut msg = DynamicMessage::new(input.clone());
         match &route.body {
@@ -341,6 +404,20 @@ impl Gateway {
             ));
         }
         json::merge_params(&mut msg, &query, &bound, "query parameter")?;
+        // A body that names another resource than the path is a mistake, not
+        // something to resolve silently in favour of either.
+        let mut from_path = DynamicMessage::new(input.clone());
+        json::merge_params(&mut from_path, &bindings, &[], "path parameter")?;
+        for (field, value) in &bindings {
+            if let Some(given) = json::get_path(&msg, field)
+                && Some(&given) != json::get_path(&from_path, field).as_ref()
+            {
+                return Err(ApiError::invalid_field(
+                    field,
+                    format!("the body's {field} contradicts the path, which says {value:?}"),
+                ));
+            }
+        }
         json::merge_params(&mut msg, &bindings, &[], "path parameter")?;
 
         let grpc_req = self.grpc_request(route, &parts.headers, &parts.extensions, msg.encode_to_vec())?;
@@ -435,6 +512,11 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let body = serde_json::to_vec(&e.to_json()).unwrap_or_default();
     let mut resp = json_response(e.code.http_status(), body);
+    if let Some(Json::String(allow)) = e.details.get("allow")
+        && let Ok(v) = HeaderValue::from_str(allow)
+    {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
     if let Some(secs) = e.retry_after_seconds() {
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }

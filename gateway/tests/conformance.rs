@@ -92,6 +92,7 @@ struct Case {
 fn subset(want: &Json, got: &Json) -> bool {
     match (want, got) {
         (Json::Object(w), Json::Object(g)) => w.iter().all(|(k, v)| g.get(k).is_some_and(|gv| subset(v, gv))),
+        (Json::Array(w), Json::Array(g)) => w.len() == g.len() && w.iter().zip(g).all(|(w, g)| subset(w, g)),
         _ => want == got,
     }
 }
@@ -148,10 +149,19 @@ async fn http_rule_features() {
             absent: &[],
         },
         Case {
-            name: "path variables override body fields",
+            name: "a body field contradicting a path variable is refused",
             method: "PUT",
             uri: "/v1/put/from-path",
             body: Some(r#"{"name":"from-body","flag":true}"#),
+            status: StatusCode::BAD_REQUEST,
+            expect: json!({"error":{"code":"validation_failed","details":{"field":"name"}}}),
+            absent: &[],
+        },
+        Case {
+            name: "a body field agreeing with a path variable is fine",
+            method: "PUT",
+            uri: "/v1/put/from-path",
+            body: Some(r#"{"name":"from-path","flag":true}"#),
             status: StatusCode::OK,
             expect: json!({"name":"from-path","flag":true}),
             absent: &[],
@@ -229,6 +239,43 @@ async fn http_rule_features() {
             absent: &[],
         },
         Case {
+            name: "a badly typed body field is named by its path",
+            method: "POST",
+            uri: "/v1/things",
+            body: Some(r#"{"name":"a","inner":{"count":"many"}}"#),
+            status: StatusCode::BAD_REQUEST,
+            expect: json!({"error":{"code":"validation_failed","details":{"field":"inner.count",
+                "field_violations":[{"field":"inner.count"}]}}}),
+            absent: &[],
+        },
+        Case {
+            name: "a badly typed top-level field is named",
+            method: "POST",
+            uri: "/v1/things",
+            body: Some(r#"{"name":123}"#),
+            status: StatusCode::BAD_REQUEST,
+            expect: json!({"error":{"code":"validation_failed","details":{"field":"name"}}}),
+            absent: &[],
+        },
+        Case {
+            name: "a body field under a body: field rule is named by its full path",
+            method: "PATCH",
+            uri: "/v1/things/a",
+            body: Some(r#"{"count":true}"#),
+            status: StatusCode::BAD_REQUEST,
+            expect: json!({"error":{"code":"validation_failed","details":{"field":"inner.count"}}}),
+            absent: &[],
+        },
+        Case {
+            name: "duplicate keys are refused",
+            method: "POST",
+            uri: "/v1/things",
+            body: Some(r#"{"name":"a","inner":{"name":"x","name":"y"}}"#),
+            status: StatusCode::BAD_REQUEST,
+            expect: json!({"error":{"code":"validation_failed","details":{"field":"inner.name"}}}),
+            absent: &[],
+        },
+        Case {
             name: "unknown body field",
             method: "POST",
             uri: "/v1/things",
@@ -261,7 +308,7 @@ async fn http_rule_features() {
             uri: "/v1/nothing/here",
             body: None,
             status: StatusCode::NOT_FOUND,
-            expect: json!({"error":{"code":"not_found"}}),
+            expect: json!({"error":{"code":"not_found","details":{"kind":"route","name":"/v1/nothing/here"}}}),
             absent: &[],
         },
         Case {
@@ -288,6 +335,7 @@ async fn http_rule_features() {
         let req = Request::builder()
             .method(c.method)
             .uri(c.uri)
+            .header("content-type", "application/json")
             .body(c.body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
             .unwrap();
         let resp = gw.handle(req).await;
@@ -300,6 +348,84 @@ async fn http_rule_features() {
         }
     }
     assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+}
+
+async fn call(gw: &Gateway, req: Request<Body>) -> (StatusCode, http::HeaderMap, bytes::Bytes) {
+    let resp = gw.handle(req).await;
+    let (parts, body) = resp.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn method_not_allowed_lists_allow_and_head_serves_get() {
+    let gw = gateway();
+    let req = Request::builder().method("PUT").uri("/v1/things/a").body(Body::empty()).unwrap();
+    let (status, headers, body) = call(&gw, req).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let allow = headers["allow"].to_str().unwrap();
+    for m in ["GET", "HEAD", "PATCH", "DELETE"] {
+        assert!(allow.contains(m), "Allow: {allow}");
+    }
+    let v: Json = serde_json::from_slice(&body).unwrap();
+    assert!(v["error"]["details"].is_object(), "{v}");
+
+    let req = Request::builder().method("HEAD").uri("/v1/things/a").body(Body::empty()).unwrap();
+    let (status, headers, body) = call(&gw, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(headers["content-length"].to_str().unwrap().parse::<u64>().unwrap() > 0);
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn non_json_bodies_get_415() {
+    let gw = gateway();
+    for (ct, want) in [
+        ("text/plain", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        ("application/x-www-form-urlencoded", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        ("application/json; charset=utf-8", StatusCode::OK),
+        ("application/merge-patch+json", StatusCode::OK),
+    ] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/things")
+            .header("content-type", ct)
+            .body(Body::from(r#"{"name":"a"}"#))
+            .unwrap();
+        let (status, _, body) = call(&gw, req).await;
+        assert_eq!(status, want, "{ct}: {}", String::from_utf8_lossy(&body));
+    }
+}
+
+/// Refuses everything, counting its calls.
+struct DenyAll(std::sync::atomic::AtomicUsize);
+
+impl otherix_gateway::Authorizer for DenyAll {
+    fn authorize<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a mut http::request::Parts,
+    ) -> futures::future::BoxFuture<'a, Result<(), ApiError>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Err(ApiError::new(ErrorCode::Unauthenticated, "who are you")) })
+    }
+}
+
+#[tokio::test]
+async fn authentication_comes_before_validation() {
+    let deny = std::sync::Arc::new(DenyAll(Default::default()));
+    let gw = gateway().with_authorizer(deny.clone());
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/things")
+        .header("content-type", "text/plain")
+        .body(Body::from(r#"{"name":123,"name":4}"#))
+        .unwrap();
+    let (status, _, body) = call(&gw, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&body));
+    let v: Json = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["details"], json!({}));
+    assert_eq!(deny.0.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

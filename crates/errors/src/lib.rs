@@ -19,6 +19,16 @@ pub const ERROR_DOMAIN: &str = "otherix.dev";
 
 const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
 const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
+const BAD_REQUEST_TYPE: &str = "type.googleapis.com/google.rpc.BadRequest";
+const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// The detail key holding the field violations of a `validation_failed`
+/// error: a list of `{"field", "description"}` objects, mirrored on gRPC as a
+/// `google.rpc.BadRequest`.
+pub const FIELD_VIOLATIONS: &str = "field_violations";
+/// The detail key holding how many seconds to wait before retrying, mirrored
+/// on gRPC as a `google.rpc.RetryInfo` and on REST as `Retry-After`.
+pub const RETRY_AFTER_SECONDS: &str = "retry_after_seconds";
 
 macro_rules! error_codes {
     ($( $(#[$doc:meta])* $variant:ident = ($code:literal, $grpc:ident, $http:literal), )*) => {
@@ -85,6 +95,8 @@ error_codes! {
     IdempotencyKeyMismatch = ("idempotency_key_mismatch", AlreadyExists, 409),
     /// The request body exceeds the limit.
     PayloadTooLarge = ("payload_too_large", ResourceExhausted, 413),
+    /// The request body is not in a media type the endpoint reads (REST takes JSON).
+    UnsupportedMediaType = ("unsupported_media_type", InvalidArgument, 415),
     /// Too many attempts; retry later.
     RateLimited = ("rate_limited", ResourceExhausted, 429),
     /// An unexpected server-side failure.
@@ -152,9 +164,44 @@ impl ApiError {
         self
     }
 
-    /// `validation_failed` naming the offending field.
+    /// `validation_failed` naming the offending field (a dotted path such as
+    /// `vm.name`), with the matching field violation.
     pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
-        ApiError::new(ErrorCode::ValidationFailed, message).with_detail("field", field)
+        let message = message.into();
+        let violation = serde_json::json!([{ "field": field, "description": message }]);
+        ApiError::new(ErrorCode::ValidationFailed, message)
+            .with_detail("field", field)
+            .with_detail(FIELD_VIOLATIONS, violation)
+    }
+
+    /// `not_found` naming the kind of resource and its name, e.g. `node` and
+    /// `worker-1`: details `{"kind", "name"}`.
+    pub fn not_found(kind: &str, name: &str) -> Self {
+        ApiError::new(ErrorCode::NotFound, format!("{kind} {name:?} not found"))
+            .with_detail("kind", kind)
+            .with_detail("name", name)
+    }
+
+    /// `rate_limited` telling the caller to retry after `seconds`.
+    pub fn rate_limited(message: impl Into<String>, seconds: u64) -> Self {
+        ApiError::new(ErrorCode::RateLimited, message).with_detail(RETRY_AFTER_SECONDS, seconds.max(1))
+    }
+
+    /// How many seconds the caller should wait before retrying, when the error says.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        self.details.get(RETRY_AFTER_SECONDS).and_then(Json::as_u64)
+    }
+
+    fn field_violations(&self) -> Vec<rpc::bad_request::FieldViolation> {
+        let Some(Json::Array(items)) = self.details.get(FIELD_VIOLATIONS) else { return Vec::new() };
+        items
+            .iter()
+            .filter_map(|v| {
+                let field = v.get("field")?.as_str()?.to_owned();
+                let description = v.get("description").and_then(Json::as_str).unwrap_or_default().to_owned();
+                Some(rpc::bad_request::FieldViolation { field, description, ..Default::default() })
+            })
+            .collect()
     }
 
     /// `internal`, for failures whose cause is logged, not shown.
@@ -173,6 +220,16 @@ impl ApiError {
         if !self.details.is_empty() {
             let s = json_object_to_struct(&self.details);
             details.push(Any { type_url: STRUCT_TYPE.to_owned(), value: s.encode_to_vec() });
+        }
+        let field_violations = self.field_violations();
+        if !field_violations.is_empty() {
+            let br = rpc::BadRequest { field_violations };
+            details.push(Any { type_url: BAD_REQUEST_TYPE.to_owned(), value: br.encode_to_vec() });
+        }
+        if let Some(secs) = self.retry_after_seconds() {
+            let delay = prost_types::Duration { seconds: i64::try_from(secs).unwrap_or(i64::MAX), nanos: 0 };
+            let ri = rpc::RetryInfo { retry_delay: Some(delay) };
+            details.push(Any { type_url: RETRY_INFO_TYPE.to_owned(), value: ri.encode_to_vec() });
         }
         let status = rpc::Status { code: self.code.grpc_code() as i32, message: self.message.clone(), details };
         tonic::Status::with_details(self.code.grpc_code(), self.message.clone(), status.encode_to_vec().into())
@@ -204,14 +261,13 @@ impl ApiError {
         err
     }
 
-    /// The REST body: `{"error":{"code","message","details"?}}`.
+    /// The REST body: `{"error":{"code","message","details"}}`, `details`
+    /// being `{}` when there are none.
     pub fn to_json(&self) -> Json {
         let mut inner = Map::new();
         inner.insert("code".into(), Json::String(self.code.as_str().into()));
         inner.insert("message".into(), Json::String(self.message.clone()));
-        if !self.details.is_empty() {
-            inner.insert("details".into(), Json::Object(self.details.clone()));
-        }
+        inner.insert("details".into(), Json::Object(self.details.clone()));
         let mut outer = Map::new();
         outer.insert("error".into(), Json::Object(inner));
         Json::Object(outer)
@@ -321,8 +377,47 @@ mod tests {
     }
 
     #[test]
-    fn json_shape_omits_empty_details() {
+    fn json_shape_always_has_details() {
         let j = ApiError::new(ErrorCode::NotFound, "no such thing").to_json();
-        assert_eq!(j, serde_json::json!({"error":{"code":"not_found","message":"no such thing"}}));
+        assert_eq!(j, serde_json::json!({"error":{"code":"not_found","message":"no such thing","details":{}}}));
+    }
+
+    fn decoded_details(status: &tonic::Status) -> Vec<Any> {
+        rpc::Status::decode(status.details()).expect("google.rpc.Status").details
+    }
+
+    #[test]
+    fn validation_errors_carry_bad_request() {
+        let err = ApiError::invalid_field("spec.memory_mib", "must be at least 64");
+        assert_eq!(
+            err.details["field_violations"],
+            serde_json::json!([{"field":"spec.memory_mib","description":"must be at least 64"}])
+        );
+        let status = err.to_status();
+        let any = decoded_details(&status).into_iter().find(|a| a.type_url == BAD_REQUEST_TYPE).expect("BadRequest");
+        let br = rpc::BadRequest::decode(any.value.as_slice()).unwrap();
+        assert_eq!(br.field_violations.len(), 1);
+        assert_eq!(br.field_violations[0].field, "spec.memory_mib");
+        assert_eq!(br.field_violations[0].description, "must be at least 64");
+        assert_eq!(ApiError::from_status(&status), err);
+    }
+
+    #[test]
+    fn rate_limits_carry_retry_info() {
+        let err = ApiError::rate_limited("slow down", 7);
+        let status = err.to_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let any = decoded_details(&status).into_iter().find(|a| a.type_url == RETRY_INFO_TYPE).expect("RetryInfo");
+        let ri = rpc::RetryInfo::decode(any.value.as_slice()).unwrap();
+        assert_eq!(ri.retry_delay.unwrap().seconds, 7);
+        assert_eq!(ApiError::from_status(&status).retry_after_seconds(), Some(7));
+    }
+
+    #[test]
+    fn not_found_names_kind_and_name() {
+        let err = ApiError::not_found("node", "worker-1");
+        assert_eq!(err.message, "node \"worker-1\" not found");
+        assert_eq!(err.details["kind"], "node");
+        assert_eq!(err.details["name"], "worker-1");
     }
 }

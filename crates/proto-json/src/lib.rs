@@ -17,16 +17,11 @@ const DESERIALIZE: DeserializeOptions = DeserializeOptions::new().deny_unknown_f
 const STRING_WKTS: &[&str] = &["google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"];
 
 /// Fills `msg` (or its body field) from a JSON request body.
-pub fn merge_body(
-    msg: &mut DynamicMessage,
-    field: Option<&FieldDescriptor>,
-    raw: &[u8],
-) -> Result<(), ApiError> {
+pub fn merge_body(msg: &mut DynamicMessage, field: Option<&FieldDescriptor>, raw: &[u8]) -> Result<(), ApiError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    let value: Json = serde_json::from_slice(raw)
-        .map_err(|e| ApiError::invalid_field("body", format!("the request body is not valid JSON: {e}")))?;
+    let value = parse_strict(raw)?;
     let value = match field {
         Some(f) => {
             let mut wrapped = Map::new();
@@ -40,9 +35,118 @@ pub fn merge_body(
             value
         }
     };
-    let decoded = DynamicMessage::deserialize_with_options(msg.descriptor(), value, &DESERIALIZE)
-        .map_err(|e| ApiError::invalid_field("body", format!("invalid request body: {e}")))?;
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
+    let decoded = match DynamicMessage::deserialize_with_options(msg.descriptor(), de, &DESERIALIZE) {
+        Ok(d) => d,
+        Err(e) => {
+            let path = field_path(&track.path());
+            let field = if path.is_empty() { "body".to_owned() } else { path };
+            return Err(ApiError::invalid_field(&field, format!("invalid request body: {field}: {e}")));
+        }
+    };
     msg.merge(decoded.encode_to_vec().as_slice()).map_err(|_| ApiError::internal())
+}
+
+/// A serde path as a field path: `spec.disks[0].size_gib`, no leading `.`.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let s = path.to_string();
+    if s == "." { String::new() } else { s }
+}
+
+/// Parses a JSON body, refusing duplicate object keys (which serde_json would
+/// silently resolve to the last one) and naming where the problem is.
+pub fn parse_strict(raw: &[u8]) -> Result<Json, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let parsed: Result<Strict, _> = serde_path_to_error::deserialize(&mut de);
+    let value = match parsed {
+        Ok(Strict(v)) => v,
+        Err(e) => {
+            let path = field_path(e.path());
+            let inner = e.into_inner();
+            let field = if path.is_empty() { "body".to_owned() } else { path };
+            let message = if inner.is_data() {
+                format!("the request body is invalid at {field}: {inner}")
+            } else {
+                format!("the request body is not valid JSON: {inner}")
+            };
+            return Err(ApiError::invalid_field(&field, message));
+        }
+    };
+    de.end().map_err(|e| ApiError::invalid_field("body", format!("the request body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Refuses the value of a key seen before.
+struct Duplicate(String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Duplicate {
+    type Value = Json;
+    fn deserialize<D: serde::Deserializer<'de>>(self, _: D) -> Result<Json, D::Error> {
+        Err(serde::de::Error::custom(format!("duplicate key {:?}", self.0)))
+    }
+}
+
+/// A JSON value whose objects have no duplicate keys.
+struct Strict(Json);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Json, E> {
+        Ok(Json::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_none<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Json::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                // Failing inside next_value_seed puts the key in the error's path.
+                return map.next_value_seed(Duplicate(key));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Json::Object(out))
+    }
 }
 
 /// Binds `name=value` parameters (dotted field paths) into `msg`; a
@@ -87,6 +191,20 @@ pub fn merge_params(
     let decoded = DynamicMessage::deserialize_with_options(desc, Json::Object(overlay), &DESERIALIZE)
         .map_err(|e| ApiError::new(otherix_errors::ErrorCode::ValidationFailed, format!("invalid {what}: {e}")))?;
     msg.merge(decoded.encode_to_vec().as_slice()).map_err(|_| ApiError::internal())
+}
+
+/// The value at a dotted field path, when it is set (present, or not at
+/// its default for fields without presence).
+pub fn get_path(msg: &DynamicMessage, path: &str) -> Option<Value> {
+    let (trail, leaf) = resolve(&msg.descriptor(), path)?;
+    let mut cur = msg.clone();
+    for f in trail {
+        if !cur.has_field(&f) {
+            return None;
+        }
+        cur = cur.get_field(&f).as_message()?.clone();
+    }
+    cur.has_field(&leaf).then(|| cur.get_field(&leaf).into_owned())
 }
 
 /// The message fields leading to a dotted path, and the leaf field.
