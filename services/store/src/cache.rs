@@ -57,6 +57,11 @@ struct Inner<M> {
     progress: mpsc::Sender<()>,
     stale_after: Duration,
     relists: std::sync::atomic::AtomicU64,
+    /// This replica's latest write under the prefix's top-level segment.
+    written: Arc<std::sync::atomic::AtomicI64>,
+    /// The last store revision a [`Cache::sync`] read, and when.
+    last_sync: tokio::sync::Mutex<Option<(Instant, i64)>>,
+    client: Client,
 }
 
 /// A watch-fed cache of the records under a prefix; cheap to clone.
@@ -92,6 +97,7 @@ impl<M: Message + Default + Clone + Send + Sync + 'static> Cache<M> {
     /// `cancel` fires. Reads wait (up to a bound) for the first list.
     pub fn start(
         client: Client,
+        marks: Arc<crate::keys::WriteMarks>,
         prefix: &str,
         index_fn: Option<IndexFn<M>>,
         stale_after: Duration,
@@ -112,6 +118,9 @@ impl<M: Message + Default + Clone + Send + Sync + 'static> Cache<M> {
             progress: progress_tx,
             stale_after,
             relists: std::sync::atomic::AtomicU64::new(0),
+            written: marks.watch(prefix),
+            last_sync: tokio::sync::Mutex::new(None),
+            client: client.clone(),
         });
         let task = inner.clone();
         let span = tracing::info_span!("cache", prefix = %prefix);
@@ -173,6 +182,43 @@ impl<M: Message + Default + Clone + Send + Sync + 'static> Cache<M> {
                 return Err(StoreError::Stale { prefix: self.inner.prefix.clone() });
             }
         }
+    }
+
+    /// Waits until the cache reflects every write this replica made under
+    /// its prefix (cheap when it already does: one atomic load).
+    pub async fn caught_up(&self) -> Result<(), StoreError> {
+        let mark = self.inner.written.load(std::sync::atomic::Ordering::Acquire);
+        if self.revision() >= mark {
+            return self.fresh();
+        }
+        self.wait_for(mark).await
+    }
+
+    /// Waits until the cache reflects the store's current revision: a read
+    /// after this sees every write any replica completed before the call.
+    /// Concurrent callers share one revision read (at most one per 50 ms),
+    /// so misses cannot turn into a flood of etcd reads.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let rev = {
+            // Held across the read on purpose: callers queue behind one read
+            // and reuse its answer.
+            let mut last = self.inner.last_sync.lock().await;
+            match *last {
+                Some((at, rev)) if at.elapsed() < Duration::from_millis(50) => rev,
+                _ => {
+                    let resp = self
+                        .inner
+                        .client
+                        .kv_client()
+                        .get(format!("{PREFIX}{}", self.inner.prefix), Some(GetOptions::new().with_count_only()))
+                        .await?;
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+                    *last = Some((Instant::now(), rev));
+                    rev
+                }
+            }
+        };
+        self.wait_for(rev).await
     }
 
     /// Waits until the cache has listed once (start-up).

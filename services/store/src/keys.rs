@@ -17,6 +17,11 @@ pub const API_TOKENS: &str = "api_tokens/";
 pub const UNIQ: &str = "uniq/";
 /// The access-token signing keys (`SigningKeys`).
 pub const SIGNING_KEYS: &str = "auth/signing_keys";
+/// The ids of the admins (raw, one per line): every change that makes or
+/// ends an admin compares-and-swaps it, so the last admin cannot go.
+pub const ADMINS: &str = "auth/admins";
+/// The key (32 random bytes, sealed) of the HMAC idempotency records carry.
+pub const IDEMPOTENCY_SECRET: &str = "auth/idempotency_secret";
 /// Stored answers of idempotent calls, `idempotency/<user_id>/<key hash>`.
 pub const IDEMPOTENCY: &str = "idempotency/";
 /// Cluster-wide settings (`ClusterSettings`).
@@ -35,6 +40,43 @@ pub const JOIN_TOKEN_CONSUMPTIONS: &str = "join_token_consumptions/";
 /// Control-plane replicas present, `replicas/<replica_id>`, under each
 /// replica's lease.
 pub const REPLICAS: &str = "replicas/";
+
+/// The revision of this replica's latest write under each top-level
+/// prefix (the key's first segment), so a cache of that prefix can wait for
+/// it before answering: a replica reads its own writes.
+#[derive(Debug, Default)]
+pub struct WriteMarks {
+    marks: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<std::sync::atomic::AtomicI64>>>,
+}
+
+fn segment(key: &str) -> &str {
+    key.split('/').next().unwrap_or(key)
+}
+
+impl WriteMarks {
+    fn slot(&self, key: &str) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        let seg = segment(key);
+        if let Some(s) = self.marks.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(seg) {
+            return s.clone();
+        }
+        self.marks
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(seg.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Records a write to `key` at `revision`.
+    pub fn note(&self, key: &str, revision: i64) {
+        self.slot(key).fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The handle a cache of `prefix` reads its mark from.
+    pub fn watch(&self, prefix: &str) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        self.slot(prefix)
+    }
+}
 
 /// A user record.
 pub fn user(id: &str) -> String {
@@ -151,6 +193,8 @@ mod tests {
             API_TOKENS,
             UNIQ,
             SIGNING_KEYS,
+            ADMINS,
+            IDEMPOTENCY_SECRET,
             IDEMPOTENCY,
             CLUSTER_SETTINGS,
             CLUSTER_CA,
