@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use otherix_agent_enrolment::{CapacityConfig, TokenSource};
 use otherix_vm_runtime::RuntimeConfig;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The default state dir (`runtime.state_dir`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/otherix";
@@ -291,6 +291,18 @@ mod tests {
         assert_eq!(cfg.runtime.qemu.kill_grace_secs, 10);
         assert_eq!(cfg.runtime.pools[0].name, "default");
         assert_eq!(cfg.runtime.images.allowed_schemes, vec!["https", "http"]);
+        let cfg = AgentConfig::parse(
+            "server: {unix_socket: /s}\nruntime:\n  state_dir: /x\n  images:\n    fetch_allow: [10.8.0.0/16, mirror.internal]\n    fetch_deny: ['*.example.org']\n    allow_private_networks: true\n    max_redirects: 2\n    file_dir: /srv/images\n  qemu:\n    img_max_memory_mib: 1024\n    img_max_cpu_secs: 60\n    img_timeout_secs: 120\n",
+        )
+        .unwrap();
+        let images = &cfg.runtime.images;
+        assert_eq!(images.fetch_allow, vec!["10.8.0.0/16", "mirror.internal"]);
+        assert_eq!(images.fetch_deny, vec!["*.example.org"]);
+        assert!(images.allow_private_networks);
+        assert_eq!(images.max_redirects, 2);
+        assert_eq!(images.file_dir.as_deref(), Some(Path::new("/srv/images")));
+        assert_eq!(cfg.runtime.qemu.img_max_memory_mib, 1024);
+        assert_eq!(cfg.runtime.qemu.img_timeout_secs, 120);
         assert_eq!(cfg.server.listen, "0.0.0.0:9443");
         assert_eq!(cfg.heartbeat.interval_seconds, 30);
     }
@@ -346,6 +358,9 @@ mod tests {
     fn defaults_and_typos() {
         let cfg = AgentConfig::parse("server: {unix_socket: /s}\nruntime: {state_dir: /x}\n").unwrap();
         assert_eq!(cfg.runtime.images.allowed_schemes, vec!["https"]);
+        // By default fetches reach neither private networks nor a file dir.
+        assert!(cfg.runtime.images.fetch_allow.is_empty() && !cfg.runtime.images.allow_private_networks);
+        assert!(cfg.runtime.images.file_dir.is_none());
         assert_eq!(cfg.runtime.qemu.accel, AccelSetting::Auto);
         assert_eq!(cfg.cert_dir(), PathBuf::from("/x/certs"));
         assert!(

@@ -6,7 +6,6 @@
 //!   token is configured), serves the VM API on the mTLS listener and reports to the control
 //!   plane over the heartbeat stream.
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,11 +22,11 @@ use otherix_agent_enrolment::{
     BootstrapOptions, BootstrapOutcome, FactsConfig, HeartbeatClient, HeartbeatConfig, HostFactsProvider, Material,
     bootstrap, load_material,
 };
+use otherix_telemetry::{LogOutput, TelemetryConfig, TelemetryGuard};
 use otherix_vm_runtime::Runtime;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
-use tracing_subscriber::EnvFilter;
 
 /// How long open connections may take to finish after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -116,17 +115,17 @@ impl From<BootstrapArgs> for BootstrapFlags {
     }
 }
 
-fn init_logging(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(log.level.clone().unwrap_or_else(|| "info".into())));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+/// Logging and tracing through `otherix-telemetry`, as otherix-api does: text or JSON lines
+/// (on stderr, coloured only on a terminal), `RUST_LOG` over `log.level`, and OTLP span
+/// export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Keep the guard: it flushes spans.
+fn init_logging(log: &LogConfig) -> anyhow::Result<TelemetryGuard> {
+    let format = match log.format {
+        LogFormat::Json => otherix_telemetry::LogFormat::Json,
+        LogFormat::Text => otherix_telemetry::LogFormat::Text,
+    };
+    let level = log.level.clone().unwrap_or_else(|| "info".into());
+    let cfg = TelemetryConfig::from_env("otherix-agent", &level, format);
+    otherix_telemetry::init_with_output(&cfg, LogOutput::Stderr).context("set up logging")
 }
 
 fn main() -> ExitCode {
@@ -201,7 +200,7 @@ async fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     let force = args.force;
     let config_path = args.config_path.clone();
     let (cfg, tree) = bootstrap_config(&config_path, std::env::vars(), &args.into())?;
-    init_logging(&cfg.log);
+    let _telemetry = init_logging(&cfg.log)?;
     enrol(&cfg, force).await?;
     write_agent_config(&config_path, &tree, force)?;
     Ok(())
@@ -231,7 +230,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     // for the agent alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cfg = AgentConfig::load(&config)?;
-    init_logging(&cfg.log);
+    let _telemetry = init_logging(&cfg.log)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

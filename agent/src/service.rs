@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use otherix_errors::{ApiError, ErrorCode};
+use otherix_errors::ApiError;
 use otherix_proto::google::rpc;
 use otherix_proto::otherix::agent::v1::vm_runtime_service_server::VmRuntimeService;
 use otherix_proto::otherix::agent::v1::{
@@ -19,17 +19,17 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span, instrument, warn};
+use tracing::{Instrument, debug, info_span, instrument};
 
 /// Turns a runtime error into a gRPC status through the shared error table
-/// (`otherix-errors`): the documented code as `google.rpc.ErrorInfo.reason`, the gRPC code
-/// the table gives it. A code the table does not know travels as `internal` (and is logged).
+/// (`otherix-errors`): the code as `google.rpc.ErrorInfo.reason`, the gRPC code the table
+/// gives it, the message with its causes, and the error's structured details.
 pub fn status(e: &AgentError) -> Status {
-    let code = ErrorCode::from_name(e.code()).unwrap_or_else(|| {
-        warn!(code = e.code(), "agent error code missing from the shared error table; sent as internal");
-        ErrorCode::Internal
-    });
-    ApiError::new(code, e.to_string()).to_status()
+    let mut err = ApiError::new(e.error_code(), e.message());
+    for (k, v) in e.details() {
+        err = err.with_detail(&k, v);
+    }
+    err.to_status()
 }
 
 /// The documented error code in a status made by [`status`], if it carries one.
@@ -153,12 +153,12 @@ impl VmRuntimeService for AgentService {
 
     #[instrument(name = "rpc.ListPools", skip_all)]
     async fn list_pools(&self, _req: Request<ListPoolsRequest>) -> Result<Response<ListPoolsResponse>, Status> {
-        Ok(Response::new(ListPoolsResponse { pools: self.rt.list_pools() }))
+        Ok(Response::new(ListPoolsResponse { pools: self.rt.list_pools().await }))
     }
 
     #[instrument(name = "rpc.ScanPool", skip_all, fields(pool = %req.get_ref().name))]
     async fn scan_pool(&self, req: Request<ScanPoolRequest>) -> Result<Response<Pool>, Status> {
-        ok(self.rt.scan_pool(&req.get_ref().name))
+        ok(self.rt.scan_pool(&req.get_ref().name).await)
     }
 
     type ConsoleStream = BoxStream<ConsoleResponse>;
@@ -236,6 +236,7 @@ impl VmRuntimeService for AgentService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use otherix_errors::ErrorCode;
 
     #[test]
     fn status_carries_the_code() {
@@ -247,33 +248,21 @@ mod tests {
     }
 
     #[test]
-    fn every_agent_code_is_in_the_shared_table() {
-        let all = [
-            AgentError::Validation(String::new()),
-            AgentError::DownloadFailed(String::new()),
-            AgentError::ChecksumMismatch { expected: String::new(), actual: String::new() },
-            AgentError::Qcow2HeaderInvalid(String::new()),
-            AgentError::UnsupportedFormat(String::new()),
-            AgentError::DiskTooSmall { requested: 0, image: 0 },
-            AgentError::InsufficientResources(String::new()),
-            AgentError::QemuSpawnFailed(String::new()),
-            AgentError::VmNotFound(String::new()),
-            AgentError::ConsoleInUse(String::new()),
-            AgentError::StopTimeout(0),
-            AgentError::VmNotRunning(String::new()),
-            AgentError::PoolNotFound(String::new()),
-            AgentError::Conflict(String::new()),
-            AgentError::TaskLost,
-            AgentError::TaskNotFound(String::new()),
-            AgentError::CreateFailed(String::new()),
-            AgentError::Internal(String::new()),
-        ];
-        for e in all {
-            let code =
-                ErrorCode::from_name(e.code()).unwrap_or_else(|| panic!("{} is not in otherix-errors", e.code()));
-            let s = status(&e);
-            assert_eq!(error_code(&s).as_deref(), Some(e.code()));
-            assert_eq!(s.code(), code.grpc_code(), "{}", e.code());
-        }
+    fn status_carries_cause_and_details() {
+        let e = AgentError::InsufficientResources { resource: "memory", requested: 512, available: 100, unit: "MiB" };
+        let s = status(&e);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        let api = ApiError::from_status(&s);
+        assert_eq!(api.code, ErrorCode::InsufficientResources);
+        assert_eq!(api.details["resource"], "memory");
+        assert_eq!(api.details["available"], 100.0);
+        let e = AgentError::download(
+            "http://169.254.169.254/x: address 169.254.169.254 is metadata",
+            otherix_vm_runtime::refusal::ADDRESS_NOT_ALLOWED,
+            None,
+        );
+        let api = ApiError::from_status(&status(&e));
+        assert_eq!(api.code, ErrorCode::DownloadFailed);
+        assert_eq!(api.details["reason"], "address_not_allowed");
     }
 }

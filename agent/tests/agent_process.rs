@@ -160,7 +160,7 @@ async fn vms_survive_agent_kill_and_are_readopted() {
     std::fs::write(
         &config,
         format!(
-            "server:\n  unix_socket: {sock}\nruntime:\n  state_dir: {d}/state\n  pools:\n    - name: default\n      path: {d}/pool\n  qemu:\n    accel: tcg\n    stop_timeout_secs: 60\n  images:\n    allowed_schemes: [http]\n",
+            "server:\n  unix_socket: {sock}\nruntime:\n  state_dir: {d}/state\n  pools:\n    - name: default\n      path: {d}/pool\n  qemu:\n    accel: tcg\n    stop_timeout_secs: 60\n  images:\n    allowed_schemes: [http]\n    fetch_allow: [127.0.0.1]\n",
             sock = socket.display(),
             d = dir.path.display()
         ),

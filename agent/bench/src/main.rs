@@ -238,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "server:\n  unix_socket: {}\nlog:\n  level: warn\nruntime:\n  state_dir: {d}/state\n  pools:\n    - name: default\n      path: {d}/pool\n  images:\n    allowed_schemes: [http]\n",
+            "server:\n  unix_socket: {}\nlog:\n  level: warn\nruntime:\n  state_dir: {d}/state\n  pools:\n    - name: default\n      path: {d}/pool\n  images:\n    allowed_schemes: [http]\n    fetch_allow: [127.0.0.1]\n",
             socket.display(),
             d = dir.path.display()
         ),

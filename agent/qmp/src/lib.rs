@@ -26,14 +26,29 @@ const MAX_LINE: usize = 8 * 1024 * 1024;
 const EVENT_BACKLOG: usize = 256;
 
 /// What can go wrong talking QMP.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QmpError {
     /// The socket could not be reached or broke.
-    #[error("qmp i/o: {0}")]
-    Io(String),
+    #[error("qmp i/o: {what}")]
+    Io {
+        /// What was being done, e.g. `connect /run/vm/qmp.sock`.
+        what: String,
+        /// The I/O error (shared: one error may reach several waiting commands).
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// QEMU sent something that is not QMP.
     #[error("qmp protocol: {0}")]
     Protocol(String),
+    /// QEMU sent JSON that does not parse, or a reply of the wrong shape.
+    #[error("qmp protocol: {what}")]
+    Json {
+        /// Where the JSON came from, e.g. `query-status`.
+        what: &'static str,
+        /// The parse error.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
     /// QEMU refused the command.
     #[error("qmp command {command} failed: {class}: {desc}")]
     Command {
@@ -50,6 +65,12 @@ pub enum QmpError {
     /// No reply within the deadline.
     #[error("qmp command {0} timed out")]
     Timeout(String),
+}
+
+impl QmpError {
+    fn io(what: impl Into<String>, e: std::io::Error) -> QmpError {
+        QmpError::Io { what: what.into(), source: Arc::new(e) }
+    }
 }
 
 /// An asynchronous QMP event.
@@ -175,7 +196,7 @@ impl Qmp {
             };
             if let Err(e) = written {
                 lock(&self.inner.pending).remove(&id);
-                return Err(QmpError::Io(e.to_string()));
+                return Err(QmpError::io(format!("send {command}"), e));
             }
             let reply = match tokio::time::timeout(self.inner.timeout, rx).await {
                 Ok(Ok(reply)) => reply,
@@ -199,7 +220,7 @@ impl Qmp {
     /// `query-status`.
     pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
         let v = self.execute("query-status", None).await?;
-        serde_json::from_value(v).map_err(|e| QmpError::Protocol(format!("query-status: {e}")))
+        serde_json::from_value(v).map_err(|e| QmpError::Json { what: "query-status reply", source: Arc::new(e) })
     }
 }
 
@@ -219,7 +240,7 @@ async fn connect_retrying(path: &Path, timeout: Duration) -> Result<UnixStream, 
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(e) => return Err(QmpError::Io(format!("connect {}: {e}", path.display()))),
+            Err(e) => return Err(QmpError::io(format!("connect {}", path.display()), e)),
         }
     }
 }
@@ -232,7 +253,7 @@ async fn read_json_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<Option<
             .take(MAX_LINE as u64)
             .read_until(b'\n', &mut buf)
             .await
-            .map_err(|e| QmpError::Io(e.to_string()))?;
+            .map_err(|e| QmpError::io("read", e))?;
         if n == 0 {
             return Ok(None);
         }
@@ -242,7 +263,9 @@ async fn read_json_line(reader: &mut BufReader<OwnedReadHalf>) -> Result<Option<
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        return serde_json::from_slice(&buf).map(Some).map_err(|e| QmpError::Protocol(format!("invalid json: {e}")));
+        return serde_json::from_slice(&buf)
+            .map(Some)
+            .map_err(|e| QmpError::Json { what: "a line from qemu", source: Arc::new(e) });
     }
 }
 
@@ -258,7 +281,7 @@ fn parse_greeting(v: &Value) -> Result<String, QmpError> {
 }
 
 /// What one line from QEMU is.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum Message {
     Reply(u64, Result<Value, QmpError>),
     Event(Event),
@@ -342,11 +365,22 @@ mod tests {
     }
 
     #[test]
-    fn classifies_replies_errors_and_events() {
+    fn io_errors_keep_their_cause_out_of_display() {
+        use std::error::Error as _;
+        let e = QmpError::io("connect /x", std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(e.to_string(), "qmp i/o: connect /x");
         assert_eq!(
-            classify(json!({"return": {"status": "running"}, "id": 4})),
-            Message::Reply(4, Ok(json!({"status": "running"})))
+            e.source().map(|s| s.to_string()),
+            Some(std::io::Error::from(std::io::ErrorKind::NotFound).to_string())
         );
+    }
+
+    #[test]
+    fn classifies_replies_errors_and_events() {
+        assert!(matches!(
+            classify(json!({"return": {"status": "running"}, "id": 4})),
+            Message::Reply(4, Ok(v)) if v == json!({"status": "running"})
+        ));
         match classify(json!({"id": 3, "error": {"class": "CommandNotFound", "desc": "nope"}})) {
             Message::Reply(3, Err(QmpError::Command { class, desc, .. })) => {
                 assert_eq!(class, "CommandNotFound");
@@ -364,6 +398,6 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(classify(json!({"return": {}})), Message::Unrouted);
+        assert!(matches!(classify(json!({"return": {}})), Message::Unrouted));
     }
 }

@@ -216,6 +216,8 @@ pub enum Route {
     Bytes(Vec<u8>),
     /// This status with an empty body.
     Status(u16),
+    /// 302 to this location.
+    Redirect(String),
     /// 200 with the file's bytes, sent in 64 KiB pieces with a pause after each
     /// (for watching download progress).
     Slow(PathBuf, Duration),
@@ -254,7 +256,12 @@ impl HttpServer {
                     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
                     *hits.lock().expect("hits").entry(path.clone()).or_insert(0) += 1;
                     let mut pause = None;
+                    let mut location = String::new();
                     let (status, body) = match routes.get(&path) {
+                        Some(Route::Redirect(to)) => {
+                            location = format!("location: {to}\r\n");
+                            (302, Vec::new())
+                        }
                         Some(Route::File(p)) => (200, tokio::fs::read(p).await.unwrap_or_default()),
                         Some(Route::Slow(p, d)) => {
                             pause = Some(*d);
@@ -265,7 +272,7 @@ impl HttpServer {
                         None => (404, Vec::new()),
                     };
                     let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n",
+                        "HTTP/1.1 {status} X\r\n{location}content-length: {}\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n",
                         body.len()
                     );
                     let _ = sock.write_all(head.as_bytes()).await;

@@ -19,6 +19,8 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::ImagesConfig;
+use crate::error::refusal;
+use crate::fetch::{self, FetchPolicy, PolicyResolver, Refused};
 use crate::image::{self, ImageInfo};
 use crate::validate::ImageUrl;
 use crate::{AgentError, state};
@@ -60,6 +62,7 @@ struct InFlight {
 #[derive(Debug)]
 pub struct ImageCache {
     cfg: ImagesConfig,
+    policy: Arc<FetchPolicy>,
     client: reqwest::Client,
     locks: Locks,
     inflight: Arc<Mutex<HashMap<PathBuf, Arc<InFlight>>>>,
@@ -81,22 +84,37 @@ impl ImageCache {
         // reqwest is built without a default TLS provider; ring is the one the
         // workspace uses everywhere. An error means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let policy = Arc::new(FetchPolicy::new(&cfg)?);
         let allowed = cfg.allowed_schemes.clone();
+        let max_redirects = cfg.max_redirects;
+        let redirect_policy = policy.clone();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
             .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
+            // A proxy would resolve and connect on the agent's behalf, past the policy.
+            .no_proxy()
+            // Host names resolve through the policy: the client connects only to vetted addresses.
+            .dns_resolver(Arc::new(PolicyResolver::new(policy.clone())))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
-                    attempt.error("more than 5 redirects")
-                } else if !allowed.iter().any(|s| s == attempt.url().scheme()) {
-                    attempt.error("redirect to a scheme that is not allowed")
+                let url = attempt.url().clone();
+                let scheme = url.scheme();
+                let refused = |what: String, reason| Refused { what, reason };
+                if attempt.previous().len() >= max_redirects {
+                    attempt.error(refused(format!("more than {max_redirects} redirects"), refusal::TOO_MANY_REDIRECTS))
+                } else if !matches!(scheme, "http" | "https") || !allowed.iter().any(|s| s == scheme) {
+                    attempt
+                        .error(refused(format!("redirect to {url}: scheme not allowed"), refusal::REDIRECT_NOT_ALLOWED))
+                } else if scheme == "http" && attempt.previous().iter().any(|u| u.scheme() == "https") {
+                    attempt.error(refused(format!("redirect from https to {url}"), refusal::REDIRECT_NOT_ALLOWED))
+                } else if let Err(r) = redirect_policy.check_url(&url, refusal::REDIRECT_NOT_ALLOWED) {
+                    attempt.error(refused(format!("redirect to {url}: {r}"), refusal::REDIRECT_NOT_ALLOWED))
                 } else {
                     attempt.follow()
                 }
             }))
             .build()
-            .map_err(|e| AgentError::Internal(format!("http client: {e}")))?;
-        Ok(ImageCache { cfg, client, locks: Arc::default(), inflight: Arc::default() })
+            .map_err(|e| AgentError::internal_from("build the http client", e))?;
+        Ok(ImageCache { cfg, policy, client, locks: Arc::default(), inflight: Arc::default() })
     }
 
     fn entry_lock(&self, path: &Path) -> Arc<RwLock<()>> {
@@ -117,18 +135,26 @@ impl ImageCache {
         // than a few rounds means other requests keep replacing the entry.
         for _ in 0..4 {
             let guard = self.entry_lock(&path).read_owned().await;
-            if let Some(mut meta) = state::load::<CachedImage>(&meta_path(images, &req.url.basename))?
-                && entry_usable(&path, &meta, req)
-            {
-                let info = image::inspect_file(&path, req.format)?;
-                meta.last_used_at = Some(state::now());
-                state::save(&meta_path(images, &req.url.basename), &meta)?;
+            let (p, meta_file, r) = (path.clone(), meta_path(images, &req.url.basename), req.clone());
+            let found = state::blocking(move || {
+                if let Some(mut meta) = state::load::<CachedImage>(&meta_file)?
+                    && entry_usable(&p, &meta, &r)
+                {
+                    let info = image::inspect_file(&p, r.format)?;
+                    meta.last_used_at = Some(state::now());
+                    state::save(&meta_file, &meta)?;
+                    return Ok(Some(info));
+                }
+                Ok(None)
+            })
+            .await?;
+            if let Some(info) = found {
                 return Ok(Lease { path, info, _guard: guard });
             }
             drop(guard);
             self.download_coalesced(images, req, progress).await?;
         }
-        Err(AgentError::Internal(format!(
+        Err(AgentError::internal(format!(
             "image {} kept being replaced in the cache while this request waited",
             req.url.basename
         )))
@@ -175,6 +201,8 @@ impl ImageCache {
         if leader {
             let job = Download {
                 client: self.client.clone(),
+                policy: self.policy.clone(),
+                file_dir: self.cfg.file_dir.clone(),
                 max_bytes: self.cfg.max_image_bytes,
                 images: images.to_path_buf(),
                 req: req.clone(),
@@ -194,7 +222,8 @@ impl ImageCache {
                         Err(e) => warn!(error = %e, "image download failed"),
                     }
                     if res.is_ok() {
-                        evict(&job.images, &job.req.url.basename, budget, &locks);
+                        let (images, keep) = (job.images.clone(), job.req.url.basename.clone());
+                        let _ = tokio::task::spawn_blocking(move || evict(&images, &keep, budget, &locks)).await;
                     }
                     lock(&inflight).remove(&job.images.join(&job.req.url.basename));
                     flight.done.send_replace(Some(res));
@@ -209,7 +238,7 @@ impl ImageCache {
             tokio::select! {
                 r = done.changed() => {
                     if r.is_err() {
-                        return Err(AgentError::Internal("image download task vanished".into()));
+                        return Err(AgentError::internal("image download task vanished"));
                     }
                 }
                 r = prog.changed() => {
@@ -222,7 +251,7 @@ impl ImageCache {
         }
     }
 
-    /// The cached images of a pool.
+    /// The cached images of a pool. Blocking.
     pub fn list(&self, images: &Path) -> Vec<CachedImage> {
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir(images.join(".meta")) else {
@@ -265,7 +294,7 @@ fn entry_lock(locks: &Locks, path: &Path) -> Arc<RwLock<()>> {
 }
 
 /// Evicts least recently used images of a pool until the cache fits `budget`,
-/// skipping `keep` (just added) and any image held by a lease.
+/// skipping `keep` (just added) and any image held by a lease. Blocking.
 fn evict(images: &Path, keep: &str, budget: u64, locks: &Locks) {
     let Ok(entries) = std::fs::read_dir(images.join(".meta")) else {
         return;
@@ -294,6 +323,8 @@ fn evict(images: &Path, keep: &str, budget: u64, locks: &Locks) {
 /// One download into a pool's cache.
 struct Download {
     client: reqwest::Client,
+    policy: Arc<FetchPolicy>,
+    file_dir: Option<PathBuf>,
     max_bytes: u64,
     images: PathBuf,
     req: ImageRequest,
@@ -304,8 +335,12 @@ struct Download {
 impl Download {
     async fn run(&self) -> Result<(), AgentError> {
         let partial_dir = self.images.join(".partial");
-        state::private_dir(&partial_dir)?;
-        state::private_dir(&self.images.join(".meta"))?;
+        let (pd, md) = (partial_dir.clone(), self.images.join(".meta"));
+        state::blocking(move || {
+            state::private_dir(&pd)?;
+            state::private_dir(&md)
+        })
+        .await?;
         let partial = partial_dir.join(format!("{}.{}", self.req.url.basename, uuid::Uuid::new_v4()));
         let res = self.fetch_to(&partial).await;
         let (sha, size) = match res {
@@ -319,7 +354,10 @@ impl Download {
             Some(pin) if *pin != sha => {
                 Err(AgentError::ChecksumMismatch { expected: pin.clone(), actual: sha.clone() })
             }
-            _ => image::inspect_file(&partial, self.req.format),
+            _ => {
+                let (p, f) = (partial.clone(), self.req.format);
+                state::blocking(move || image::inspect_file(&p, f)).await
+            }
         };
         let info = match checked {
             Ok(info) => info,
@@ -341,13 +379,17 @@ impl Download {
         // Replace under the write lock: no lease reads the old file meanwhile.
         let _w = self.lock.write().await;
         let dest = self.images.join(name);
-        let res = std::fs::rename(&partial, &dest)
-            .map_err(|e| AgentError::io("move image into the cache", e))
-            .and_then(|_| state::save(&meta_path(&self.images, name), &meta));
-        if res.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        res
+        let meta_file = meta_path(&self.images, name);
+        state::blocking(move || {
+            let res = std::fs::rename(&partial, &dest)
+                .map_err(|e| AgentError::io("move image into the cache", e))
+                .and_then(|_| state::save(&meta_file, &meta));
+            if res.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            res
+        })
+        .await
     }
 
     /// Streams the URL into `dest`, hashing as it goes; returns (sha256, size).
@@ -355,21 +397,29 @@ impl Download {
         let mut file = tokio::fs::File::create(dest).await.map_err(|e| AgentError::io("create partial image", e))?;
         let mut hasher = Sha256::new();
         let mut done = 0u64;
-        let too_big = || AgentError::DownloadFailed(format!("image larger than the limit of {} bytes", self.max_bytes));
+        let too_big = || {
+            AgentError::download(
+                format!("image larger than the limit of {} bytes", self.max_bytes),
+                refusal::TOO_LARGE,
+                None,
+            )
+        };
         let url = &self.req.url.url;
         if url.scheme() == "file" {
             let src = url.to_file_path().map_err(|_| AgentError::Validation("file url has no usable path".into()))?;
-            let mut f = tokio::fs::File::open(&src)
-                .await
-                .map_err(|e| AgentError::DownloadFailed(format!("open {}: {e}", src.display())))?;
-            let total = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            let root = self.file_dir.clone();
+            let (f, total) = state::blocking(move || fetch::open_local(root.as_deref(), &src)).await?;
+            let mut f = tokio::fs::File::from_std(f);
             if total > self.max_bytes {
                 return Err(too_big());
             }
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 use tokio::io::AsyncReadExt;
-                let n = f.read(&mut buf).await.map_err(|e| AgentError::DownloadFailed(e.to_string()))?;
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| AgentError::download(format!("read {url}"), refusal::TRANSPORT, Some(Arc::new(e))))?;
                 if n == 0 {
                     break;
                 }
@@ -382,22 +432,23 @@ impl Download {
                 self.flight.progress.send_replace((done, total));
             }
         } else {
-            let mut resp = self
-                .client
-                .get(url.clone())
-                .send()
-                .await
-                .map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?;
+            // Address literals never reach the resolver: check them here.
+            if let Err(r) = self.policy.check_url(url, refusal::ADDRESS_NOT_ALLOWED) {
+                return Err(AgentError::download(format!("{url}: {r}"), r.reason, None));
+            }
+            let mut resp = self.client.get(url.clone()).send().await.map_err(|e| http_error(url, e))?;
             if !resp.status().is_success() {
-                return Err(AgentError::DownloadFailed(format!("{url}: HTTP {}", resp.status())));
+                return Err(AgentError::download(
+                    format!("{url}: HTTP {}", resp.status()),
+                    refusal::BAD_RESPONSE,
+                    None,
+                ));
             }
             let total = resp.content_length().unwrap_or(0);
             if total > self.max_bytes {
                 return Err(too_big());
             }
-            while let Some(chunk) =
-                resp.chunk().await.map_err(|e| AgentError::DownloadFailed(format!("{url}: {}", error_chain(&e))))?
-            {
+            while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(url, e))? {
                 done += chunk.len() as u64;
                 if done > self.max_bytes {
                     return Err(too_big());
@@ -407,7 +458,11 @@ impl Download {
                 self.flight.progress.send_replace((done, total));
             }
             if total != 0 && done != total {
-                return Err(AgentError::DownloadFailed(format!("{url}: got {done} of {total} bytes")));
+                return Err(AgentError::download(
+                    format!("{url}: got {done} of {total} bytes"),
+                    refusal::BAD_RESPONSE,
+                    None,
+                ));
             }
         }
         file.sync_all().await.map_err(|e| AgentError::io("sync partial image", e))?;
@@ -415,15 +470,13 @@ impl Download {
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
+/// A failed HTTP fetch: a policy refusal keeps its reason (and its message
+/// alone, without the client's layers); anything else is a transport failure.
+fn http_error(url: &url::Url, e: reqwest::Error) -> AgentError {
+    if let Some(r) = fetch::find_refusal(&e) {
+        return AgentError::download(format!("{url}: {r}"), r.reason, None);
     }
-    s
+    AgentError::download(url.to_string(), refusal::TRANSPORT, Some(Arc::new(e)))
 }
 
 /// Lowercase hex.

@@ -51,6 +51,14 @@ pub struct QemuConfig {
     pub kill_grace_secs: u64,
     /// Seconds to wait for QEMU's QMP socket after spawning.
     pub start_timeout_secs: u64,
+    /// util-linux `prlimit`, which puts the limits below on every `qemu-img` run.
+    pub prlimit_binary: PathBuf,
+    /// Address-space limit of a `qemu-img` run, in MiB.
+    pub img_max_memory_mib: u64,
+    /// CPU-time limit of a `qemu-img` run, in seconds.
+    pub img_max_cpu_secs: u64,
+    /// Wall-clock limit of a `qemu-img` run, in seconds; it is killed after that.
+    pub img_timeout_secs: u64,
 }
 
 impl Default for QemuConfig {
@@ -66,6 +74,10 @@ impl Default for QemuConfig {
             stop_timeout_secs: 60,
             kill_grace_secs: 10,
             start_timeout_secs: 30,
+            prlimit_binary: PathBuf::from("prlimit"),
+            img_max_memory_mib: 2048,
+            img_max_cpu_secs: 600,
+            img_timeout_secs: 1800,
         }
     }
 }
@@ -84,6 +96,20 @@ pub struct ImagesConfig {
     pub connect_timeout_secs: u64,
     /// Seconds without receiving a byte before a download fails.
     pub read_timeout_secs: u64,
+    /// Address blocks (`10.8.0.0/16`, `127.0.0.1`) and host names (`mirror.internal`,
+    /// `*.images.example.com`) image fetches may reach although the default policy refuses
+    /// them (loopback, link-local, private). Metadata addresses need an address entry.
+    pub fetch_allow: Vec<String>,
+    /// Address blocks and host names image fetches never reach; wins over `fetch_allow`.
+    pub fetch_deny: Vec<String>,
+    /// Whether private networks (RFC 1918, 100.64.0.0/10, fc00::/7) may be fetched from
+    /// without a `fetch_allow` entry. Default false.
+    pub allow_private_networks: bool,
+    /// Redirects followed per fetch; each is checked against the policy.
+    pub max_redirects: usize,
+    /// The only directory `file://` images may come from (regular files only, symlinks
+    /// resolved first). Required when `allowed_schemes` has `file`.
+    pub file_dir: Option<PathBuf>,
 }
 
 impl Default for ImagesConfig {
@@ -94,6 +120,11 @@ impl Default for ImagesConfig {
             cache_max_bytes: 200 << 30,
             connect_timeout_secs: 15,
             read_timeout_secs: 60,
+            fetch_allow: Vec::new(),
+            fetch_deny: Vec::new(),
+            allow_private_networks: false,
+            max_redirects: 5,
+            file_dir: None,
         }
     }
 }

@@ -148,7 +148,9 @@ impl Console {
                 since_check += n as u64;
                 if since_check >= LOG_CHECK_EVERY {
                     since_check = 0;
-                    rotate_log_if_large(&log_path, log_max);
+                    // A file copy: on the blocking pool, not on this worker.
+                    let p = log_path.clone();
+                    let _ = tokio::task::spawn_blocking(move || rotate_log_if_large(&p, log_max)).await;
                 }
             }
             me.detach(generation).await;
@@ -192,7 +194,7 @@ impl Console {
 /// Rotates the serial log: QEMU appends (logappend=on), so copying the file
 /// aside and truncating it keeps QEMU writing at the new end. Bytes written
 /// between the copy and the truncation are lost from the file (not from the
-/// ring buffer).
+/// ring buffer). Blocking.
 fn rotate_log_if_large(path: &Path, max: u64) {
     let Ok(meta) = std::fs::metadata(path) else {
         return;

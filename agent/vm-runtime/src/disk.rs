@@ -8,11 +8,15 @@
 //! reference for anyone to tamper with. The cost is the copy at create time
 //! (sparse, so proportional to the data in the image) and the disk space.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::process::Command;
 
 use crate::AgentError;
+use crate::config::QemuConfig;
 
 /// One GiB.
 pub const GIB: u64 = 1 << 30;
@@ -30,38 +34,64 @@ pub fn disk_size(disk_gib: u32, image_virtual_size: u64) -> Result<u64, AgentErr
     Ok(requested)
 }
 
-async fn run(cmd: &mut Command, what: &str) -> Result<(), AgentError> {
-    let out = cmd.output().await.map_err(|e| AgentError::CreateFailed(format!("{what}: cannot run: {e}")))?;
+async fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<(), AgentError> {
+    // kill_on_drop: a run past its timeout is killed when the future is dropped.
+    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+    let out = match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(r) => {
+            r.map_err(|e| AgentError::CreateFailed { what: format!("{what}: cannot run"), source: Some(Arc::new(e)) })?
+        }
+        Err(_) => {
+            return Err(AgentError::CreateFailed {
+                what: format!("{what}: killed after {} s", timeout.as_secs()),
+                source: None,
+            });
+        }
+    };
     if out.status.success() {
         Ok(())
     } else {
-        Err(AgentError::CreateFailed(format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(AgentError::CreateFailed { what: format!("{what}: {} {}", out.status, stderr.trim()), source: None })
     }
+}
+
+/// `qemu-img <args>` under `prlimit`: an address-space and a CPU-time limit,
+/// because it parses images that come from users. The wall-clock limit is
+/// applied by [`run`].
+pub fn qemu_img_command<I, S>(q: &QemuConfig, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(&q.prlimit_binary);
+    cmd.arg(format!("--as={}", q.img_max_memory_mib.saturating_mul(1 << 20)))
+        .arg(format!("--cpu={}", q.img_max_cpu_secs))
+        .arg("--")
+        .arg(&q.img_binary)
+        .args(args);
+    cmd
 }
 
 /// Makes `dest` (qcow2, `size` bytes) from the cached image `src`; the file
 /// appears under its final name only when complete.
-pub async fn make_disk(
-    qemu_img: &Path,
-    src: &Path,
-    src_format: &str,
-    dest: &Path,
-    size: u64,
-) -> Result<(), AgentError> {
+pub async fn make_disk(q: &QemuConfig, src: &Path, src_format: &str, dest: &Path, size: u64) -> Result<(), AgentError> {
     let partial = dest.with_extension("qcow2.partial");
     let _ = tokio::fs::remove_file(&partial).await;
+    let timeout = Duration::from_secs(q.img_timeout_secs);
     let res = async {
         run(
-            Command::new(qemu_img)
-                .args(["convert", "-q", "-f", src_format, "-O", "qcow2", "-o", "compat=1.1"])
+            qemu_img_command(q, ["convert", "-q", "-f", src_format, "-O", "qcow2", "-o", "compat=1.1"])
                 .arg(src)
                 .arg(&partial),
             "qemu-img convert",
+            timeout,
         )
         .await?;
         run(
-            Command::new(qemu_img).args(["resize", "-q", "-f", "qcow2"]).arg(&partial).arg(size.to_string()),
+            qemu_img_command(q, ["resize", "-q", "-f", "qcow2"]).arg(&partial).arg(size.to_string()),
             "qemu-img resize",
+            timeout,
         )
         .await?;
         tokio::fs::rename(&partial, dest).await.map_err(|e| AgentError::io("move disk into place", e))
@@ -109,6 +139,7 @@ pub async fn make_seed(
             .args(["-volid", "cidata", "-joliet", "-rock"])
             .args(&files),
         "genisoimage",
+        Duration::from_secs(120),
     )
     .await;
     let res = match res {
@@ -132,6 +163,55 @@ mod tests {
         assert_eq!(disk_size(2, 18 << 20).unwrap(), 2 * GIB);
         assert_eq!(disk_size(1, GIB).unwrap(), GIB);
         assert_eq!(disk_size(1, GIB + 1).unwrap_err().code(), "disk_too_small");
+    }
+
+    fn small_qcow2(dir: &Path) -> PathBuf {
+        let img = dir.join("src.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("64M")
+            .status()
+            .expect("qemu-img create");
+        assert!(st.success());
+        img
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("otx-disk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn qemu_img_runs_under_its_limits() {
+        let d = tmpdir("limits");
+        let src = small_qcow2(&d);
+        let ok = QemuConfig::default();
+        make_disk(&ok, &src, "qcow2", &d.join("ok.qcow2"), 1 << 30).await.unwrap();
+        assert!(d.join("ok.qcow2").is_file());
+        // 64 MiB of address space is too little for qemu-img: the limit is applied.
+        let tight = QemuConfig { img_max_memory_mib: 64, ..QemuConfig::default() };
+        let err = make_disk(&tight, &src, "qcow2", &d.join("no.qcow2"), 1 << 30).await.unwrap_err();
+        assert_eq!(err.code(), "vm_create_failed", "{err}");
+        assert!(!d.join("no.qcow2").exists() && !d.join("no.qcow2.partial").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hanging_qemu_img_is_killed_at_the_timeout() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("hang");
+        let fake = d.join("qemu-img");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let q = QemuConfig { img_binary: fake, img_timeout_secs: 1, ..QemuConfig::default() };
+        let started = std::time::Instant::now();
+        let err = make_disk(&q, &d.join("src"), "qcow2", &d.join("out.qcow2"), 1 << 30).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert!(err.to_string().contains("killed after 1 s"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! restarted (or killed) without taking VMs down.
 //!
 //! [`Runtime`] is the entry point; the agent binary puts its gRPC service on
-//! top. Errors carry documented codes through [`AgentError::code`].
+//! top. Errors carry codes of the shared table through [`AgentError::error_code`].
 
 mod cache;
 pub mod config;
 pub mod console;
 mod disk;
 mod error;
+pub mod fetch;
 pub mod image;
 mod pool;
 pub mod qemu;
@@ -19,5 +20,5 @@ pub mod state;
 pub mod validate;
 
 pub use config::RuntimeConfig;
-pub use error::AgentError;
+pub use error::{AgentError, Cause, refusal};
 pub use runtime::{Runtime, reason};

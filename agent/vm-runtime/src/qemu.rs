@@ -175,18 +175,24 @@ pub fn cmdline_has_uuid(raw: &[u8], uuid: &uuid::Uuid) -> bool {
 
 /// Spawns QEMU in its own session (setsid), stdin/stdout on /dev/null and
 /// stderr into `stderr_path`, so neither the agent's exit nor a signal to its
-/// process group or systemd unit (`KillMode=process`) reaches the VM.
-pub fn spawn(binary: &Path, args: &[OsString], stderr_path: &Path) -> Result<tokio::process::Child, AgentError> {
-    let stderr = std::fs::File::create(stderr_path).map_err(|e| AgentError::io("create qemu stderr file", e))?;
-    let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(stderr)).kill_on_drop(false);
-    // SAFETY: the closure runs between fork and exec and only calls setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(std::io::Error::from));
-    }
-    cmd.spawn().map_err(|e| AgentError::QemuSpawnFailed(format!("cannot execute {}: {e}", binary.display())))
+/// process group or systemd unit (`KillMode=process`) reaches the VM. `stderr`
+/// is the open file QEMU's stderr goes to.
+pub fn spawn(binary: &Path, args: &[OsString], stderr: std::fs::File) -> Result<tokio::process::Child, AgentError> {
+    // util-linux setsid(1) instead of a pre_exec hook (no unsafe code): the
+    // child is not a process-group leader, so setsid execs QEMU in place and
+    // the pid stays QEMU's.
+    let mut cmd = tokio::process::Command::new("setsid");
+    cmd.arg("--")
+        .arg(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(stderr))
+        .kill_on_drop(false);
+    cmd.spawn().map_err(|e| AgentError::QemuSpawnFailed {
+        message: format!("cannot execute {}", binary.display()),
+        source: Some(std::sync::Arc::new(e)),
+    })
 }
 
 #[cfg(test)]

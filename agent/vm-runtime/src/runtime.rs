@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,8 +14,6 @@ use otherix_proto::otherix::agent::v1::{
 };
 use otherix_qmp::{Event, Qmp};
 use rustix::process::{Pid, PidfdFlags, Signal};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 use tracing::{Instrument, error, info, info_span, warn};
@@ -24,7 +23,7 @@ use crate::cache::{ImageCache, ImageRequest};
 use crate::config::RuntimeConfig;
 use crate::console::{Console, LogReader, Session};
 use crate::qemu::{self, HostLimits, Launch};
-use crate::state::{self, Layout, vm_files};
+use crate::state::{self, Layout, Pending, Persister, vm_files};
 use crate::{AgentError, disk, pool, validate};
 
 /// Largest user-data accepted.
@@ -89,7 +88,10 @@ impl Proc {
 struct VmHandle {
     id: Uuid,
     dir: PathBuf,
+    persist: Persister,
     record: Mutex<Vm>,
+    /// A start is admitted and under way: the VM's memory counts as placed.
+    starting: AtomicBool,
     op: tokio::sync::Mutex<()>,
     console: Arc<Console>,
     proc_: Mutex<Option<Proc>>,
@@ -105,26 +107,37 @@ impl VmHandle {
         lock(&self.proc_).clone()
     }
 
-    /// Changes the record and writes it to disk.
-    fn update(&self, f: impl FnOnce(&mut Vm)) {
+    /// Changes the record and queues its write (in the order of changes; the
+    /// writer thread logs a failure). Await the result for durability.
+    fn update(&self, f: impl FnOnce(&mut Vm)) -> Pending {
         let mut r = lock(&self.record);
         f(&mut r);
-        if let Err(e) = state::save(&self.dir.join(vm_files::RECORD), &*r) {
-            error!(vm = %self.id, error = %e, "cannot write vm record");
-        }
+        self.persist.save(&self.dir.join(vm_files::RECORD), &*r)
     }
 
-    fn set_phase(&self, phase: VmPhase, reason: &str, message: &str) {
+    /// Memory (MiB) the VM holds on the host: QEMU runs, or a create or start is under way.
+    fn placed_memory_mib(&self) -> u64 {
+        let r = lock(&self.record);
+        let placed = self.starting.load(Ordering::SeqCst)
+            || matches!(
+                VmPhase::try_from(r.phase),
+                Ok(VmPhase::Creating | VmPhase::Running | VmPhase::Paused | VmPhase::Stopping)
+            );
+        if placed { r.spec.as_ref().map_or(0, |s| s.memory_mib) } else { 0 }
+    }
+
+    fn set_phase(&self, phase: VmPhase, reason: &str, message: &str) -> Pending {
         self.update(|r| {
             r.phase = phase as i32;
             r.reason = reason.to_string();
             r.message = message.to_string();
-        });
+        })
     }
 }
 
 struct Shared {
     cfg: RuntimeConfig,
+    persist: Persister,
     layout: Layout,
     accel: Accelerator,
     host: HostLimits,
@@ -165,23 +178,33 @@ impl Runtime {
                     return Err(AgentError::Validation(format!("images.allowed_schemes: unknown scheme {s:?}")));
                 }
             }
-            let layout = Layout { root: cfg.state_dir.clone() };
-            state::private_dir(&layout.vms())?;
-            state::private_dir(&layout.tasks())?;
-            state::sweep_temp_files(&layout.tasks());
-            let mut pools = BTreeMap::new();
-            for p in &cfg.pools {
-                pool::validate(&p.name, &p.path)?;
-                pool::ensure(&p.path)?;
-                sweep_partial_downloads(&p.path);
-                pools.insert(p.name.clone(), p.path.clone());
+            if cfg.images.allowed_schemes.iter().any(|s| s == "file") && cfg.images.file_dir.is_none() {
+                return Err(AgentError::Validation(
+                    "images.allowed_schemes has file, but images.file_dir (the only directory file:// may read) is not set"
+                        .into(),
+                ));
             }
-            let accel = qemu::choose_accel(cfg.qemu.accel);
-            let host = qemu::host_limits();
+            let layout = Layout { root: cfg.state_dir.clone() };
+            let (l, c) = (layout.clone(), cfg.clone());
+            let (pools, accel, host) = state::blocking(move || {
+                state::private_dir(&l.vms())?;
+                state::private_dir(&l.tasks())?;
+                state::sweep_temp_files(&l.tasks());
+                let mut pools = BTreeMap::new();
+                for p in &c.pools {
+                    pool::validate(&p.name, &p.path)?;
+                    pool::ensure(&p.path)?;
+                    sweep_partial_downloads(&p.path);
+                    pools.insert(p.name.clone(), p.path.clone());
+                }
+                Ok((pools, qemu::choose_accel(c.qemu.accel), qemu::host_limits()))
+            })
+            .await?;
             info!(accelerator = ?accel, cpus = host.cpus, memory_mib = host.memory_mib, "host");
             let rt = Runtime {
                 s: Arc::new(Shared {
                     cache: ImageCache::new(cfg.images.clone())?,
+                    persist: Persister::start()?,
                     cfg,
                     layout,
                     accel,
@@ -192,7 +215,7 @@ impl Runtime {
                     task_changed: watch::channel(0).0,
                 }),
             };
-            rt.load_tasks()?;
+            rt.load_tasks().await?;
             rt.load_vms().await?;
             // Long-running agents would otherwise keep every task forever.
             let weak = Arc::downgrade(&rt.s);
@@ -202,7 +225,7 @@ impl Runtime {
                 loop {
                     tick.tick().await;
                     let Some(s) = weak.upgrade() else { break };
-                    Runtime { s }.prune_tasks();
+                    Runtime { s }.prune_tasks().await;
                 }
             });
             Ok(rt)
@@ -222,9 +245,10 @@ impl Runtime {
     }
 
     /// Declares a pool (from the control plane); its directory is created now.
-    pub fn declare_pool(&self, name: &str, path: &Path) -> Result<(), AgentError> {
+    pub async fn declare_pool(&self, name: &str, path: &Path) -> Result<(), AgentError> {
         pool::validate(name, path)?;
-        pool::ensure(path)?;
+        let p = path.to_path_buf();
+        state::blocking(move || pool::ensure(&p)).await?;
         lock(&self.s.pools).insert(name.to_string(), path.to_path_buf());
         Ok(())
     }
@@ -233,72 +257,92 @@ impl Runtime {
         lock(&self.s.pools).get(name).cloned().ok_or_else(|| AgentError::PoolNotFound(name.to_string()))
     }
 
-    /// Every pool, scanned now.
-    pub fn list_pools(&self) -> Vec<Pool> {
+    /// Every pool, scanned now (on the blocking pool: statvfs and directory scans).
+    pub async fn list_pools(&self) -> Vec<Pool> {
         let pools: Vec<_> = lock(&self.s.pools).clone().into_iter().collect();
-        pools
-            .into_iter()
-            .filter_map(|(name, path)| match pool::scan(&name, &path, &self.s.cache) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warn!(pool = %name, error = %e, "pool scan failed");
-                    None
-                }
-            })
-            .collect()
+        let rt = self.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            pools
+                .into_iter()
+                .filter_map(|(name, path)| match pool::scan(&name, &path, &rt.s.cache) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(pool = %name, error = %e.message(), "pool scan failed");
+                        None
+                    }
+                })
+                .collect()
+        })
+        .await;
+        scanned.unwrap_or_default()
     }
 
     /// Scans one pool.
-    pub fn scan_pool(&self, name: &str) -> Result<Pool, AgentError> {
-        let _span = info_span!("pool.scan", pool = name).entered();
+    pub async fn scan_pool(&self, name: &str) -> Result<Pool, AgentError> {
+        let span = info_span!("pool.scan", pool = name);
         let path = self.pool_path(name)?;
-        pool::scan(name, &path, &self.s.cache)
+        let (rt, name) = (self.clone(), name.to_string());
+        state::blocking(move || pool::scan(&name, &path, &rt.s.cache)).instrument(span).await
     }
 
     // ---------------------------------------------------------------- tasks
 
-    fn load_tasks(&self) -> Result<(), AgentError> {
+    async fn load_tasks(&self) -> Result<(), AgentError> {
         let retention = Duration::from_secs(self.s.cfg.task_retention_hours * 3600);
-        let now = SystemTime::now();
-        let entries = std::fs::read_dir(self.s.layout.tasks()).map_err(|e| AgentError::io("read tasks dir", e))?;
+        let dir = self.s.layout.tasks();
+        let loaded = state::blocking(move || {
+            let now = SystemTime::now();
+            let entries = std::fs::read_dir(&dir).map_err(|e| AgentError::io("read tasks dir", e))?;
+            let mut out = Vec::new();
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "pb") {
+                    continue;
+                }
+                let Ok(Some(mut t)) = state::load::<Task>(&path) else {
+                    warn!(path = %path.display(), "unreadable task record skipped");
+                    continue;
+                };
+                if t.state != TaskState::Running as i32 && task_age(&t, now) > retention {
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                if t.state == TaskState::Running as i32 {
+                    // The agent died while the task ran; its caller starts a new task.
+                    fail_task(&mut t, &AgentError::TaskLost);
+                    state::save(&path, &t)?;
+                }
+                out.push(t);
+            }
+            Ok(out)
+        })
+        .await?;
         let mut tasks = lock(&self.s.tasks);
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().is_none_or(|x| x != "pb") {
-                continue;
-            }
-            let Ok(Some(mut t)) = state::load::<Task>(&path) else {
-                warn!(path = %path.display(), "unreadable task record skipped");
-                continue;
-            };
-            if t.state != TaskState::Running as i32 && task_age(&t, now) > retention {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            if t.state == TaskState::Running as i32 {
-                // The agent died while the task ran; its caller starts a new task.
-                fail_task(&mut t, &AgentError::TaskLost);
-                state::save(&path, &t)?;
-            }
+        for t in loaded {
             tasks.insert(t.task_id.clone(), t);
         }
         Ok(())
     }
 
     /// Forgets finished tasks older than the retention, in memory and on disk.
-    fn prune_tasks(&self) {
+    async fn prune_tasks(&self) {
         let retention = Duration::from_secs(self.s.cfg.task_retention_hours * 3600);
         let now = SystemTime::now();
-        let mut tasks = lock(&self.s.tasks);
-        let old: Vec<String> = tasks
-            .values()
-            .filter(|t| t.state != TaskState::Running as i32 && task_age(t, now) > retention)
-            .map(|t| t.task_id.clone())
-            .collect();
-        for id in old {
-            tasks.remove(&id);
-            let _ = std::fs::remove_file(self.s.layout.task(&id));
-        }
+        let files: Vec<PathBuf> = {
+            let mut tasks = lock(&self.s.tasks);
+            let old: Vec<String> = tasks
+                .values()
+                .filter(|t| t.state != TaskState::Running as i32 && task_age(t, now) > retention)
+                .map(|t| t.task_id.clone())
+                .collect();
+            old.iter().filter_map(|id| tasks.remove(id)).map(|t| self.s.layout.task(&t.task_id)).collect()
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        })
+        .await;
     }
 
     /// Registers a task and runs `op` in the background; a task id seen before
@@ -309,7 +353,7 @@ impl Runtime {
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
         validate::task_id(task_id)?;
-        let task = {
+        let (task, written) = {
             let mut tasks = lock(&self.s.tasks);
             if let Some(t) = tasks.get(task_id) {
                 if t.kind != kind as i32 || t.vm_id != vm_id {
@@ -330,10 +374,15 @@ impl Runtime {
                 created_at: Some(now),
                 updated_at: Some(now),
             };
-            state::save(&self.s.layout.task(task_id), &t)?;
+            let written = self.s.persist.save(&self.s.layout.task(task_id), &t);
             tasks.insert(task_id.to_string(), t.clone());
-            t
+            (t, written)
         };
+        // The record is on disk before the task is acknowledged (or runs).
+        if let Err(e) = written.wait().await {
+            lock(&self.s.tasks).remove(task_id);
+            return Err(e);
+        }
         let fut = op(self.clone());
         let rt = self.clone();
         let id = task_id.to_string();
@@ -343,7 +392,7 @@ impl Runtime {
                 let res = fut.await;
                 match &res {
                     Ok(()) => info!("task succeeded"),
-                    Err(e) => warn!(code = e.code(), error = %e, "task failed"),
+                    Err(e) => warn!(code = e.code(), error = %e.message(), "task failed"),
                 }
                 rt.finish_task(&id, res);
             }
@@ -372,8 +421,9 @@ impl Runtime {
             };
             f(t);
             t.updated_at = Some(state::now());
-            if persist && let Err(e) = state::save(&self.s.layout.task(task_id), &*t) {
-                error!(task_id, error = %e, "cannot write task record");
+            if persist {
+                // Queued, not awaited: the writer thread logs a failure.
+                drop(self.s.persist.save(&self.s.layout.task(task_id), &*t));
             }
         }
         self.s.task_changed.send_modify(|n| *n += 1);
@@ -478,29 +528,61 @@ impl Runtime {
         }
         let host = self.s.host;
         if spec.vcpus > host.cpus {
-            return Err(AgentError::InsufficientResources(format!(
-                "{} vcpus requested, the host has {}",
-                spec.vcpus, host.cpus
-            )));
+            return Err(AgentError::InsufficientResources {
+                resource: "vcpus",
+                requested: spec.vcpus.into(),
+                available: host.cpus.into(),
+                unit: "vcpus",
+            });
         }
-        if spec.memory_mib > host.memory_mib {
-            return Err(AgentError::InsufficientResources(format!(
-                "{} MiB of memory requested, the host has {} MiB",
-                spec.memory_mib, host.memory_mib
-            )));
-        }
+        // Memory is admitted against what other VMs hold, under the VM map's lock (create, start).
         let pool = self.pool_path(&spec.pool)?;
         Ok((pool, ImageRequest { url, sha256, format }))
+    }
+
+    /// Memory (MiB) left for a VM: the host's total minus what every other VM holds.
+    /// Call with the VM map locked, so two admissions cannot both take the last of it.
+    fn unallocated_memory_mib(&self, vms: &BTreeMap<Uuid, Arc<VmHandle>>, except: &Uuid) -> u64 {
+        let held: u64 = vms.iter().filter(|(id, _)| *id != except).map(|(_, vm)| vm.placed_memory_mib()).sum();
+        self.s.host.memory_mib.saturating_sub(held)
+    }
+
+    /// Refuses a disk of `bytes` that the pool's file system has no room for.
+    async fn admit_disk(&self, pool_path: &Path, bytes: u64) -> Result<(), AgentError> {
+        let p = pool_path.to_path_buf();
+        let (_, free) = state::blocking(move || pool::capacity(&p)).await?;
+        if bytes > free {
+            return Err(AgentError::InsufficientResources {
+                resource: "disk",
+                requested: bytes,
+                available: free,
+                unit: "bytes",
+            });
+        }
+        Ok(())
     }
 
     async fn create(&self, task_id: &str, id: Uuid, req: CreateVmRequest) -> Result<(), AgentError> {
         let spec = req.spec.clone().ok_or_else(|| AgentError::Validation("spec is required".into()))?;
         let (pool_path, image_req) = self.check_spec(&spec)?;
+        if spec.disk_gib > 0 {
+            // Before the download: a disk the pool cannot hold is refused at once.
+            self.admit_disk(&pool_path, u64::from(spec.disk_gib) * disk::GIB).await?;
+        }
         let dir = self.s.layout.vm_dir(&id);
         let vm = {
             let mut vms = lock(&self.s.vms);
             if vms.contains_key(&id) {
                 return Err(AgentError::Conflict(format!("vm {id} already exists")));
+            }
+            let available = self.unallocated_memory_mib(&vms, &id);
+            if spec.memory_mib > available {
+                return Err(AgentError::InsufficientResources {
+                    resource: "memory",
+                    requested: spec.memory_mib,
+                    available,
+                    unit: "MiB",
+                });
             }
             let now = state::now();
             let record = Vm {
@@ -516,6 +598,8 @@ impl Runtime {
             let vm = Arc::new(VmHandle {
                 id,
                 dir: dir.clone(),
+                persist: self.s.persist.clone(),
+                starting: AtomicBool::new(false),
                 record: Mutex::new(record),
                 op: tokio::sync::Mutex::new(()),
                 console: Console::new(id.to_string(), self.s.cfg.console.ring_buffer_bytes),
@@ -527,10 +611,11 @@ impl Runtime {
         };
         let _op = vm.op.lock().await;
         let res = async {
-            state::private_dir(&dir)?;
+            let (d, p) = (dir.clone(), pool_path.clone());
+            state::blocking(move || state::private_dir(&d)).await?;
             // The record exists from the start so a restart can clean up a half-made VM.
-            vm.update(|_| {});
-            pool::ensure(&pool_path)?;
+            vm.update(|_| {}).wait().await?;
+            state::blocking(move || pool::ensure(&p)).await?;
             self.progress(task_id, "image", 0, 0);
             let rt = self.clone();
             let tid = task_id.to_string();
@@ -540,15 +625,14 @@ impl Runtime {
                 .acquire(&pool::images_dir(&pool_path), &image_req, &move |d, t| rt.progress(&tid, "image", d, t))
                 .await?;
             let size = disk::disk_size(spec.disk_gib, lease.info.virtual_size)?;
+            self.admit_disk(&pool_path, size).await?;
             self.progress(task_id, "disk", 0, 0);
             let disk_path = PathBuf::from(vm.record().disk_path);
             let src_format = if lease.info.format == ImageFormat::Raw { "raw" } else { "qcow2" };
             let span = info_span!("vm.disk", size);
-            disk::make_disk(&self.s.cfg.qemu.img_binary, &lease.path, src_format, &disk_path, size)
-                .instrument(span)
-                .await?;
+            disk::make_disk(&self.s.cfg.qemu, &lease.path, src_format, &disk_path, size).instrument(span).await?;
             drop(lease);
-            vm.update(|r| r.disk_size_bytes = size);
+            drop(vm.update(|r| r.disk_size_bytes = size));
             let ci = spec.cloud_init.clone().unwrap_or_default();
             if !ci.disabled {
                 self.progress(task_id, "seed", 0, 0);
@@ -570,8 +654,8 @@ impl Runtime {
         if let Err(e) = &res {
             info!(vm = %id, code = e.code(), "create failed; removing what it made");
             self.poweroff_proc(&vm).await;
-            if let Err(e) = remove_vm_files(&vm) {
-                error!(vm = %id, error = %e, "cleanup after a failed create is incomplete");
+            if let Err(e) = remove_vm_files_async(&vm).await {
+                error!(vm = %id, error = %e.message(), "cleanup after a failed create is incomplete");
             }
             lock(&self.s.vms).remove(&id);
         }
@@ -586,9 +670,10 @@ impl Runtime {
             let spec = rec.spec.clone().unwrap_or_default();
             let dir = &vm.dir;
             for f in [vm_files::QMP, vm_files::QMP_OPS, vm_files::SERIAL, vm_files::PIDFILE] {
-                let _ = std::fs::remove_file(dir.join(f));
+                let _ = tokio::fs::remove_file(dir.join(f)).await;
             }
             let seed = dir.join(vm_files::SEED);
+            let has_seed = tokio::fs::metadata(&seed).await.is_ok_and(|m| m.is_file());
             let launch = Launch {
                 name: spec.name.clone(),
                 uuid: vm.id,
@@ -597,38 +682,50 @@ impl Runtime {
                 memory_mib: spec.memory_mib,
                 run_dir: dir.clone(),
                 disk: PathBuf::from(&rec.disk_path),
-                seed: seed.is_file().then_some(seed),
+                seed: has_seed.then_some(seed),
             };
             let args = qemu::command_line(&launch, &self.s.cfg.qemu)?;
             let stderr_path = dir.join(vm_files::STDERR);
-            let mut child = qemu::spawn(&self.s.cfg.qemu.binary, &args, &stderr_path)?;
+            let sp = stderr_path.clone();
+            let stderr = state::blocking(move || {
+                std::fs::File::create(&sp).map_err(|e| AgentError::io("create the qemu stderr file", e))
+            })
+            .await?;
+            let mut child = qemu::spawn(&self.s.cfg.qemu.binary, &args, stderr)?;
             let pid = child.id().map(|p| p as i32).unwrap_or(0);
             let timeout = Duration::from_secs(self.s.cfg.qemu.start_timeout_secs);
             let qmp_path = dir.join(vm_files::QMP);
-            let connected = tokio::select! {
-                r = Qmp::connect(&qmp_path, timeout, QMP_COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-                st = child.wait() => Err(format!("qemu exited at once ({})", st.map(|s| s.to_string()).unwrap_or_default())),
+            let connected: Result<Qmp, (String, Option<crate::Cause>)> = tokio::select! {
+                r = Qmp::connect(&qmp_path, timeout, QMP_COMMAND_TIMEOUT) => {
+                    r.map_err(|e| ("cannot connect QMP".to_string(), Some(Arc::new(e) as crate::Cause)))
+                }
+                st = child.wait() => Err((
+                    format!("qemu exited at once ({})", st.map(|s| s.to_string()).unwrap_or_default()),
+                    None,
+                )),
             };
-            let failed = |child: &mut tokio::process::Child, why: String| {
-                let _ = child.start_kill();
-                let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                let stderr = stderr.trim();
-                AgentError::QemuSpawnFailed(if stderr.is_empty() { why } else { stderr.to_string() })
+            // QEMU's stderr says why, when it says anything; else what the agent saw.
+            let stderr_of = |path: PathBuf| async move {
+                tokio::fs::read_to_string(&path).await.unwrap_or_default().trim().to_string()
             };
             let qmp = match connected {
                 Ok(q) => q,
-                Err(why) => {
-                    let e = failed(&mut child, why);
+                Err((why, source)) => {
+                    let _ = child.start_kill();
                     let _ = child.wait().await;
-                    return Err(e);
+                    let stderr = stderr_of(stderr_path.clone()).await;
+                    let message = if stderr.is_empty() { why } else { stderr };
+                    return Err(AgentError::QemuSpawnFailed { message, source });
                 }
             };
             let serial = match connect_unix(&dir.join(vm_files::SERIAL), timeout).await {
                 Ok(s) => s,
                 Err(e) => {
-                    let err = failed(&mut child, e);
+                    let _ = child.start_kill();
                     let _ = child.wait().await;
-                    return Err(err);
+                    let stderr = stderr_of(stderr_path.clone()).await;
+                    let message = if stderr.is_empty() { "cannot connect the serial socket".into() } else { stderr };
+                    return Err(AgentError::QemuSpawnFailed { message, source: Some(Arc::new(e)) });
                 }
             };
             vm.console.attach(serial, dir.join(vm_files::CONSOLE_LOG), self.s.cfg.console.log_max_bytes).await;
@@ -647,28 +744,35 @@ impl Runtime {
                     // Holding proc_ orders this update before the monitor's exit update.
                     let proc_guard = lock(&vm.proc_);
                     if proc_guard.is_none() {
-                        return Err(AgentError::QemuSpawnFailed("qemu exited right after starting".into()));
+                        return Err(AgentError::QemuSpawnFailed {
+                            message: "qemu exited right after starting".into(),
+                            source: None,
+                        });
                     }
-                    vm.update(|r| {
+                    drop(vm.update(|r| {
                         r.pid = pid;
                         r.phase = VmPhase::Running as i32;
                         r.reason.clear();
                         r.message.clear();
                         r.accelerator = self.s.accel as i32;
                         r.started_at = Some(state::now());
-                    });
+                    }));
                     drop(proc_guard);
                     info!(pid, "qemu running");
                     Ok(())
                 }
                 Ok(st) => {
                     self.poweroff_proc(vm).await;
-                    Err(AgentError::QemuSpawnFailed(format!("qemu reports status {} after cont", st.status)))
+                    Err(AgentError::QemuSpawnFailed {
+                        message: format!("qemu reports status {} after cont", st.status),
+                        source: None,
+                    })
                 }
                 Err(e) => {
                     self.poweroff_proc(vm).await;
-                    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    Err(AgentError::QemuSpawnFailed(format!("{e} {}", stderr.trim())))
+                    let stderr = stderr_of(stderr_path.clone()).await;
+                    let message = if stderr.is_empty() { "cont failed".into() } else { stderr };
+                    Err(AgentError::QemuSpawnFailed { message, source: Some(Arc::new(e)) })
                 }
             }
         }
@@ -687,7 +791,7 @@ impl Runtime {
         }
         // The pid is still ours only if the process still carries our uuid.
         if p.pid > 0
-            && qemu::pid_runs_vm(p.pid, &vm.id)
+            && pid_runs_vm(p.pid, vm.id).await
             && let Some(pid) = Pid::from_raw(p.pid)
         {
             warn!(vm = %vm.id, pid = p.pid, "qemu ignored quit; sending SIGKILL");
@@ -707,10 +811,10 @@ impl Runtime {
             if !lock(&rt.s.vms).contains_key(&id) {
                 return Err(AgentError::VmNotFound(id.to_string()));
             }
-            vm.set_phase(VmPhase::Deleting, "", "");
+            vm.set_phase(VmPhase::Deleting, "", "").wait().await?;
             rt.poweroff_proc(&vm).await;
             // On failure the VM stays listed (DELETING), so a new delete task can finish it.
-            remove_vm_files(&vm)?;
+            remove_vm_files_async(&vm).await?;
             lock(&rt.s.vms).remove(&id);
             Ok(())
         })
@@ -726,6 +830,7 @@ impl Runtime {
             if vm.proc_().is_some() {
                 return Ok(());
             }
+            let _admitted = rt.admit_start(&vm)?;
             rt.start_process(&vm).await
         })
         .await
@@ -742,12 +847,30 @@ impl Runtime {
         .await
     }
 
+    /// Admits a start of a VM that holds no memory now against what the others
+    /// hold; the VM counts as placed until the returned guard drops (by then QEMU runs).
+    fn admit_start(&self, vm: &Arc<VmHandle>) -> Result<StartGuard, AgentError> {
+        let vms = lock(&self.s.vms);
+        let want = vm.record().spec.map_or(0, |s| s.memory_mib);
+        let available = self.unallocated_memory_mib(&vms, &vm.id);
+        if vm.placed_memory_mib() == 0 && want > available {
+            return Err(AgentError::InsufficientResources {
+                resource: "memory",
+                requested: want,
+                available,
+                unit: "MiB",
+            });
+        }
+        vm.starting.store(true, Ordering::SeqCst);
+        Ok(StartGuard(vm.clone()))
+    }
+
     async fn graceful_stop(&self, vm: &Arc<VmHandle>, timeout_secs: u32) -> Result<(), AgentError> {
         let Some(p) = vm.proc_() else { return Ok(()) };
         let timeout = if timeout_secs == 0 { self.s.cfg.qemu.stop_timeout_secs } else { u64::from(timeout_secs) };
         let before = vm.record();
         *lock(&vm.intent) = Some(Intent::Stop);
-        vm.set_phase(VmPhase::Stopping, "", "ACPI power-down sent");
+        drop(vm.set_phase(VmPhase::Stopping, "", "ACPI power-down sent"));
         let sent = async {
             // A paused guest cannot see the power button.
             if p.qmp.query_status().await?.status == "paused" {
@@ -760,15 +883,19 @@ impl Runtime {
             && !p.qmp.is_closed()
         {
             *lock(&vm.intent) = None;
-            vm.set_phase(VmPhase::try_from(before.phase).unwrap_or(VmPhase::Running), &before.reason, &before.message);
-            return Err(AgentError::Internal(format!("system_powerdown: {e}")));
+            drop(vm.set_phase(
+                VmPhase::try_from(before.phase).unwrap_or(VmPhase::Running),
+                &before.reason,
+                &before.message,
+            ));
+            return Err(AgentError::internal_from("system_powerdown", e));
         }
         if p.wait_exit(Duration::from_secs(timeout)).await {
             return Ok(());
         }
         *lock(&vm.intent) = None;
         if vm.proc_().is_some() {
-            vm.set_phase(VmPhase::Running, "", "the guest ignored the ACPI power-down");
+            drop(vm.set_phase(VmPhase::Running, "", "the guest ignored the ACPI power-down"));
         }
         Err(AgentError::StopTimeout(timeout))
     }
@@ -794,6 +921,9 @@ impl Runtime {
             if vm.proc_().is_none() {
                 return Err(AgentError::VmNotRunning(id.to_string()));
             }
+            // The VM keeps its memory between the stop and the new start.
+            vm.starting.store(true, Ordering::SeqCst);
+            let _admitted = StartGuard(vm.clone());
             rt.graceful_stop(&vm, timeout_secs).await?;
             rt.start_process(&vm).await
         })
@@ -813,9 +943,9 @@ impl Runtime {
             let vm = rt.vm(&id)?;
             let _op = vm.op.lock().await;
             let p = vm.proc_().ok_or_else(|| AgentError::VmNotRunning(id.to_string()))?;
-            p.qmp.execute(command, None).await.map_err(|e| AgentError::Internal(format!("{command}: {e}")))?;
+            p.qmp.execute(command, None).await.map_err(|e| AgentError::internal_from(format!("qmp {command}"), e))?;
             if let Some((phase, why)) = after {
-                vm.set_phase(phase, why, "");
+                drop(vm.set_phase(phase, why, ""));
             }
             Ok(())
         })
@@ -860,44 +990,56 @@ impl Runtime {
     // ---------------------------------------------------------- re-adoption
 
     async fn load_vms(&self) -> Result<(), AgentError> {
-        let entries = std::fs::read_dir(self.s.layout.vms()).map_err(|e| AgentError::io("read vms dir", e))?;
-        for e in entries.flatten() {
-            let dir = e.path();
-            let Some(id) = dir.file_name().and_then(|n| Uuid::parse_str(&n.to_string_lossy()).ok()) else {
-                continue;
-            };
-            state::sweep_temp_files(&dir);
-            let rec = match state::load::<Vm>(&dir.join(vm_files::RECORD)) {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    warn!(vm = %id, "vm dir without a record (interrupted create); removing it");
-                    let _ = std::fs::remove_dir_all(&dir);
+        let root = self.s.layout.vms();
+        // Directory scan, record reads and /proc checks on the blocking pool.
+        let found = state::blocking(move || {
+            let entries = std::fs::read_dir(&root).map_err(|e| AgentError::io("read vms dir", e))?;
+            let mut out = Vec::new();
+            for e in entries.flatten() {
+                let dir = e.path();
+                let Some(id) = dir.file_name().and_then(|n| Uuid::parse_str(&n.to_string_lossy()).ok()) else {
                     continue;
-                }
-                Err(e) => {
-                    error!(vm = %id, error = %e, "unreadable vm record; leaving it alone");
-                    continue;
-                }
-            };
+                };
+                state::sweep_temp_files(&dir);
+                let rec = match state::load::<Vm>(&dir.join(vm_files::RECORD)) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        warn!(vm = %id, "vm dir without a record (interrupted create); removing it");
+                        let _ = std::fs::remove_dir_all(&dir);
+                        continue;
+                    }
+                    Err(e) => {
+                        error!(vm = %id, error = %e.message(), "unreadable vm record; leaving it alone");
+                        continue;
+                    }
+                };
+                let pid = read_pidfile(&dir.join(vm_files::PIDFILE)).unwrap_or(rec.pid);
+                let alive = pid > 0 && qemu::pid_runs_vm(pid, &id);
+                out.push((id, dir, rec, pid, alive));
+            }
+            Ok(out)
+        })
+        .await?;
+        for (id, dir, rec, pid, mut alive) in found {
             let vm = Arc::new(VmHandle {
                 id,
                 dir: dir.clone(),
+                persist: self.s.persist.clone(),
+                starting: AtomicBool::new(false),
                 record: Mutex::new(rec.clone()),
                 op: tokio::sync::Mutex::new(()),
                 console: Console::new(id.to_string(), self.s.cfg.console.ring_buffer_bytes),
                 proc_: Mutex::new(None),
                 intent: Mutex::new(None),
             });
-            let pid = read_pidfile(&dir.join(vm_files::PIDFILE)).unwrap_or(rec.pid);
-            let mut alive = pid > 0 && qemu::pid_runs_vm(pid, &id);
             let phase = VmPhase::try_from(rec.phase).unwrap_or(VmPhase::Unspecified);
             if matches!(phase, VmPhase::Creating | VmPhase::Deleting) {
                 info!(vm = %id, ?phase, "finishing an interrupted create/delete: removing the vm");
                 if alive && let Some(p) = Pid::from_raw(pid) {
                     let _ = rustix::process::kill_process(p, Signal::KILL);
                 }
-                if let Err(e) = remove_vm_files(&vm) {
-                    error!(vm = %id, error = %e, "cleanup of an interrupted create/delete is incomplete");
+                if let Err(e) = remove_vm_files_async(&vm).await {
+                    error!(vm = %id, error = %e.message(), "cleanup of an interrupted create/delete is incomplete");
                 }
                 continue;
             }
@@ -906,22 +1048,22 @@ impl Runtime {
                     Ok(()) => info!(vm = %id, pid, "re-adopted running qemu"),
                     Err(e) if !still_running(pid, &id).await => {
                         // It was on its way out (killed just before we looked).
-                        info!(vm = %id, pid, error = %e, "qemu ended while being re-adopted");
+                        info!(vm = %id, pid, error = %e.message(), "qemu ended while being re-adopted");
                         alive = false;
                     }
                     Err(e) => {
-                        error!(vm = %id, pid, error = %e, "cannot re-adopt qemu");
-                        vm.set_phase(VmPhase::Failed, "adopt_failed", &e.to_string());
+                        error!(vm = %id, pid, error = %e.message(), "cannot re-adopt qemu");
+                        drop(vm.set_phase(VmPhase::Failed, "adopt_failed", &e.message()));
                     }
                 }
             }
             if !alive && matches!(phase, VmPhase::Running | VmPhase::Paused | VmPhase::Stopping) {
-                vm.update(|r| {
+                drop(vm.update(|r| {
                     r.phase = VmPhase::Stopped as i32;
                     r.reason = reason::PROCESS_GONE.into();
                     r.message = "QEMU ended while the agent was not running".into();
                     r.pid = 0;
-                });
+                }));
             }
             lock(&self.s.vms).insert(id, vm);
         }
@@ -931,37 +1073,35 @@ impl Runtime {
     /// Takes over a QEMU started by an earlier agent: pidfd for its exit,
     /// QMP and the serial socket, and the serial log's tail as history.
     async fn adopt(&self, vm: &Arc<VmHandle>, pid: i32) -> Result<(), AgentError> {
-        let p = Pid::from_raw(pid).ok_or_else(|| AgentError::Internal("pid 0".into()))?;
+        let p = Pid::from_raw(pid).ok_or_else(|| AgentError::internal("pid 0"))?;
         let pidfd =
             rustix::process::pidfd_open(p, PidfdFlags::empty()).map_err(|e| AgentError::io("pidfd_open", e.into()))?;
-        // SAFETY: an OwnedFd is a valid open descriptor that stays open and
-        // unchanged until the AsyncFd that owns it is dropped.
-        #[allow(unsafe_code)]
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(|e| AgentError::Internal(format!("register pidfd: {e}")))?;
+        let exit = pidfd_exit(pidfd)?;
         let timeout = Duration::from_secs(5);
         let qmp = Qmp::connect(&vm.dir.join(vm_files::QMP), timeout, QMP_COMMAND_TIMEOUT)
             .await
-            .map_err(|e| AgentError::Internal(format!("qmp: {e}")))?;
+            .map_err(|e| AgentError::internal_from("connect qmp", e))?;
         let log = vm.dir.join(vm_files::CONSOLE_LOG);
-        vm.console.seed_history(&read_tail(&log, self.s.cfg.console.ring_buffer_bytes as u64));
+        let (l, n) = (log.clone(), self.s.cfg.console.ring_buffer_bytes as u64);
+        let tail = tokio::task::spawn_blocking(move || read_tail(&l, n)).await.unwrap_or_default();
+        vm.console.seed_history(&tail);
         match connect_unix(&vm.dir.join(vm_files::SERIAL), timeout).await {
             Ok(serial) => vm.console.attach(serial, log, self.s.cfg.console.log_max_bytes).await,
             Err(e) => {
-                warn!(vm = %vm.id, error = %e, "serial socket not reachable; console unavailable")
+                warn!(vm = %vm.id, error = %e, path = %vm.dir.join(vm_files::SERIAL).display(), "serial socket not reachable; console unavailable")
             }
         }
         let events = qmp.events();
-        let status = qmp.query_status().await.map_err(|e| AgentError::Internal(format!("qmp: {e}")))?;
+        let status = qmp.query_status().await.map_err(|e| AgentError::internal_from("qmp query-status", e))?;
         let (exited_tx, exited_rx) = watch::channel(false);
         *lock(&vm.proc_) = Some(Proc { pid, qmp: qmp.clone(), exited: exited_rx });
         let (phase, why) = phase_of_status(&status.status);
-        vm.update(|r| {
+        drop(vm.update(|r| {
             r.pid = pid;
             r.phase = phase as i32;
             r.reason = why.to_string();
-        });
-        tokio::spawn(monitor(vm.clone(), qmp, events, Exit::Pidfd(pidfd), exited_tx, pid));
+        }));
+        tokio::spawn(monitor(vm.clone(), qmp, events, Exit::Pidfd(exit), exited_tx, pid));
         Ok(())
     }
 }
@@ -987,11 +1127,31 @@ fn task_age(t: &Task, now: SystemTime) -> Duration {
 
 fn fail_task(t: &mut Task, e: &AgentError) {
     t.state = TaskState::Failed as i32;
-    t.error = Some(TaskError { code: e.code().to_string(), message: e.to_string() });
+    t.error = Some(TaskError { code: e.code().to_string(), message: e.message() });
+}
+
+/// [`remove_vm_files`] on the blocking pool.
+async fn remove_vm_files_async(vm: &Arc<VmHandle>) -> Result<(), AgentError> {
+    let vm = vm.clone();
+    state::blocking(move || remove_vm_files(&vm)).await
+}
+
+/// Keeps a VM's memory counted as placed while a start is under way.
+struct StartGuard(Arc<VmHandle>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        self.0.starting.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Whether `pid` runs the VM (a /proc read, on the blocking pool).
+async fn pid_runs_vm(pid: i32, id: Uuid) -> bool {
+    tokio::task::spawn_blocking(move || qemu::pid_runs_vm(pid, &id)).await.unwrap_or(false)
 }
 
 /// Removes a VM's disk and its dir (record, sockets, seed, logs); the first
-/// failure is returned after trying everything.
+/// failure is returned after trying everything. Blocking.
 fn remove_vm_files(vm: &VmHandle) -> Result<(), AgentError> {
     let rec = vm.record();
     let mut first_err = None;
@@ -1028,7 +1188,7 @@ async fn live_view(vm: &VmHandle) -> Vm {
 /// Whether `pid` still runs the VM a second from now (a dying process is given time to go).
 async fn still_running(pid: i32, id: &Uuid) -> bool {
     for _ in 0..10 {
-        if !qemu::pid_runs_vm(pid, id) {
+        if !pid_runs_vm(pid, *id).await {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1052,6 +1212,7 @@ fn read_tail(path: &Path, n: u64) -> Vec<u8> {
     out
 }
 
+/// Blocking.
 fn sweep_partial_downloads(pool: &Path) {
     let Ok(entries) = std::fs::read_dir(pool::images_dir(pool).join(".partial")) else {
         return;
@@ -1061,7 +1222,7 @@ fn sweep_partial_downloads(pool: &Path) {
     }
 }
 
-async fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, String> {
+async fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, std::io::Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match UnixStream::connect(path).await {
@@ -1070,9 +1231,26 @@ async fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream, Stri
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(e) => return Err(format!("connect {}: {e}", path.display())),
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// Waits for a pidfd to become readable (the process exited) on a thread of
+/// its own: a blocking poll(2) needs no unsafe registration with the reactor.
+fn pidfd_exit(pidfd: rustix::fd::OwnedFd) -> Result<tokio::sync::oneshot::Receiver<()>, AgentError> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("otherix-pidfd".into())
+        .spawn(move || {
+            let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+            // EINTR: poll again; anything else ends the wait as an exit.
+            while let Err(rustix::io::Errno::INTR) = poll(&mut fds, None) {}
+            let _ = tx.send(());
+        })
+        .map_err(|e| AgentError::io("start the pidfd thread", e))?;
+    Ok(rx)
 }
 
 /// How a monitor learns that QEMU exited.
@@ -1080,15 +1258,15 @@ enum Exit {
     /// Our own child: wait() also reaps it.
     Child(tokio::process::Child),
     /// A re-adopted process: its pidfd becomes readable at exit.
-    Pidfd(AsyncFd<rustix::fd::OwnedFd>),
+    Pidfd(tokio::sync::oneshot::Receiver<()>),
 }
 
 impl Exit {
     async fn wait(self) -> Option<std::process::ExitStatus> {
         match self {
             Exit::Child(mut c) => c.wait().await.ok(),
-            Exit::Pidfd(fd) => {
-                let _ = fd.readable().await;
+            Exit::Pidfd(rx) => {
+                let _ = rx.await;
                 None
             }
         }
@@ -1148,7 +1326,7 @@ async fn monitor(
                 (VmPhase::Stopped, r.replace('-', "_"), "QEMU was shut down from the host".to_string())
             }
             (None, None) => {
-                let stderr = std::fs::read_to_string(vm.dir.join(vm_files::STDERR)).unwrap_or_default();
+                let stderr = tokio::fs::read_to_string(vm.dir.join(vm_files::STDERR)).await.unwrap_or_default();
                 let code = status.map(|s| s.to_string()).unwrap_or_else(|| "unknown status".into());
                 (
                     VmPhase::Failed,
@@ -1158,12 +1336,12 @@ async fn monitor(
             }
         };
         info!(phase = ?phase, reason = %why, "qemu exited");
-        vm.update(|r| {
+        drop(vm.update(|r| {
             r.phase = phase as i32;
             r.reason = why;
             r.message = msg;
             r.pid = 0;
-        });
+        }));
         let _ = exited.send(true);
     }
     .instrument(span)
@@ -1188,15 +1366,15 @@ async fn on_event(
                 && st.status == "internal-error"
             {
                 error!("guest stopped with internal-error: accelerator failure");
-                vm.set_phase(
+                drop(vm.set_phase(
                     VmPhase::Failed,
                     reason::ACCELERATOR_FAILURE,
                     "the guest stopped with QMP status internal-error; the accelerator cannot run it",
-                );
+                ));
             }
         }
         "RESUME" if vm.record().phase == VmPhase::Paused as i32 => {
-            vm.set_phase(VmPhase::Running, "", "");
+            drop(vm.set_phase(VmPhase::Running, "", ""));
         }
         "RESET" => {
             // QEMU's own timestamps: the agent may read the events late.
@@ -1204,7 +1382,7 @@ async fn on_event(
             let same_burst = last_reset.is_some_and(|t| ev.timestamp_us - t < window);
             *last_reset = Some(ev.timestamp_us);
             if !same_burst {
-                vm.update(|r| r.reset_count += 1);
+                drop(vm.update(|r| r.reset_count += 1));
             }
         }
         _ => {}

@@ -136,7 +136,7 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
 
     // Only verified images entered the cache: not the one with the wrong pin,
     // not the HTML page; the 2 GiB image passed every check before the disk size did.
-    let pools = env.rt.list_pools();
+    let pools = env.rt.list_pools().await;
     assert_eq!(pools.len(), 1);
     let cached: Vec<_> = pools[0].images.iter().map(|i| i.name.clone()).collect();
     assert_eq!(cached, vec!["big.qcow2".to_string()], "only verified images enter the cache");
@@ -165,14 +165,14 @@ async fn concurrent_creates_share_one_download() {
         assert_failed(&t, "disk_too_small");
     }
     assert_eq!(env.http.hits("/shared/big.qcow2"), 1, "downloads were not coalesced");
-    let pool = env.rt.scan_pool("default").unwrap();
+    let pool = env.rt.scan_pool("default").await.unwrap();
     assert_eq!(pool.images.len(), 1);
     let img = &pool.images[0];
     assert_eq!((img.name.as_str(), img.sha256.as_str(), img.virtual_size_bytes), ("big.qcow2", sha.as_str(), 2 << 30));
     assert_eq!(img.size_bytes, std::fs::metadata(&big).unwrap().len());
     assert!(pool.downloads.is_empty());
     assert_eq!(env.rt.get_task("c-0", Duration::ZERO).await.unwrap().state, TaskState::Failed as i32);
-    assert_eq!(env.rt.scan_pool("nowhere").unwrap_err().code(), "pool_not_found");
+    assert_eq!(env.rt.scan_pool("nowhere").await.unwrap_err().code(), "pool_not_found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +194,7 @@ async fn a_wrong_pin_does_not_fail_a_concurrent_request_without_one() {
     // The unpinned request gets past the download and fails only on its own disk size.
     assert_failed(&finish(&env.rt, tn).await, "disk_too_small");
     assert_eq!(env.http.hits("/pin/big.qcow2"), 2);
-    assert_eq!(env.rt.scan_pool("default").unwrap().images.len(), 1);
+    assert_eq!(env.rt.scan_pool("default").await.unwrap().images.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +212,7 @@ async fn download_progress_is_recorded() {
     let seen = otherix_agent_testkit::wait_for("download progress", Duration::from_secs(60), || async {
         let t = env.rt.get_task("p-1", Duration::ZERO).await.unwrap();
         let p = t.progress.clone().unwrap_or_default();
-        let pool = env.rt.scan_pool("default").unwrap();
+        let pool = env.rt.scan_pool("default").await.unwrap();
         (p.step == "image" && p.bytes_done > 0 && p.bytes_done < size && !pool.downloads.is_empty())
             .then(|| (p, pool.downloads[0].clone()))
     })
@@ -223,6 +223,6 @@ async fn download_progress_is_recorded() {
     assert!(seen.1.bytes_done > 0);
     // The wrong pin fails the task once the download completes.
     assert_failed(&finish(&env.rt, t).await, "checksum_mismatch");
-    assert!(env.rt.scan_pool("default").unwrap().downloads.is_empty());
+    assert!(env.rt.scan_pool("default").await.unwrap().downloads.is_empty());
     assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
 }

@@ -62,7 +62,7 @@ async fn image_size_limit_and_cache_eviction() {
         let t = finish(&env.rt, env.rt.create_vm(create_req(task, &new_id(), s)).await.unwrap()).await;
         assert_failed(&t, "disk_too_small");
     }
-    let names: Vec<_> = env.rt.scan_pool("default").unwrap().images.into_iter().map(|i| i.name).collect();
+    let names: Vec<_> = env.rt.scan_pool("default").await.unwrap().images.into_iter().map(|i| i.name).collect();
     assert_eq!(names, ["b.qcow2"]);
     assert!(!env.pool.join("images/a.qcow2").exists());
 
@@ -77,7 +77,7 @@ async fn image_size_limit_and_cache_eviction() {
     assert_failed(&t, "download_failed");
     assert!(t.error.unwrap().message.contains("limit"));
     assert!(leftovers(&env).is_empty(), "{:?}", leftovers(&env));
-    assert!(env.rt.scan_pool("default").unwrap().images.is_empty());
+    assert!(env.rt.scan_pool("default").await.unwrap().images.is_empty());
 }
 
 /// On hosts like ours /dev/kvm opens but cannot run guests (no vmx/svm): with

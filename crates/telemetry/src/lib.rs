@@ -88,16 +88,44 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. Call inside the tokio runtime (the OTLP
-/// exporter runs on it).
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogOutput {
+    /// Standard output, as `tracing_subscriber` does by default (otherix-api).
+    #[default]
+    Stdout,
+    /// Standard error, with colours only when it is a terminal (otherix-agent).
+    Stderr,
+}
+
+/// Installs the global subscriber, logging to stdout. Call inside the tokio
+/// runtime (the OTLP exporter runs on it).
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    init_with_output(config, LogOutput::Stdout)
+}
+
+/// [`init`], with log lines going to `output`.
+pub fn init_with_output(config: &TelemetryConfig, output: LogOutput) -> Result<TelemetryGuard, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|_| TelemetryError::Filter(v))?,
         _ => EnvFilter::try_new(&config.level).map_err(|_| TelemetryError::Filter(config.level.clone()))?,
     };
-    let fmt = match config.format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).boxed(),
+    let fmt = match (config.format, output) {
+        (LogFormat::Text, LogOutput::Stdout) => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        (LogFormat::Json, LogOutput::Stdout) => {
+            tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).boxed()
+        }
+        (LogFormat::Text, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
+            .with_target(true)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
+        (LogFormat::Json, LogOutput::Stderr) => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // Per-layer filters: a global `warn` filter would starve the exporter.
     let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));

@@ -30,6 +30,10 @@ pub fn config(dir: &TestDir) -> RuntimeConfig {
     cfg.qemu.accel = AccelSetting::Tcg;
     cfg.qemu.stop_timeout_secs = 30;
     cfg.images.allowed_schemes = vec!["http".into(), "file".into()];
+    // The test HTTP server listens on loopback, which the fetch policy refuses by default.
+    cfg.images.fetch_allow = vec!["127.0.0.1".into()];
+    // file:// reads only the test image's directory.
+    cfg.images.file_dir = Some(otherix_agent_testkit::test_image().raw().parent().expect("image dir").to_path_buf());
     cfg
 }
 
