@@ -29,6 +29,27 @@ struct Header {
     kid: String,
 }
 
+/// Limits on the claims a token may carry, beyond its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest lifetime (`exp - iat`) accepted, in seconds: the configured
+    /// access-token TTL. A token minted with a stolen key for years is refused.
+    pub max_lifetime: i64,
+    /// Clock difference tolerated between replicas, in seconds: `iat` may lie
+    /// this far in the future and the lifetime may exceed the TTL by this much.
+    pub leeway: i64,
+}
+
+impl Limits {
+    /// The leeway used unless configured otherwise.
+    pub const DEFAULT_LEEWAY: i64 = 60;
+
+    /// Limits for tokens issued with an access TTL of `ttl_seconds`.
+    pub fn for_ttl(ttl_seconds: u64) -> Limits {
+        Limits { max_lifetime: i64::try_from(ttl_seconds).unwrap_or(i64::MAX), leeway: Self::DEFAULT_LEEWAY }
+    }
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
@@ -41,10 +62,14 @@ pub enum JwtError {
     /// Signed with a key that was retired.
     #[error("access token signed with a retired key")]
     Retired,
+    /// Signed, but its claims break the limits: a lifetime longer than the
+    /// configured TTL, or issued in the future.
+    #[error("access token claims are out of bounds")]
+    OutOfBounds,
 }
 
-/// A signing key.
-#[derive(Debug, Clone)]
+/// A signing key. Its `Debug` shows the id, never the secret.
+#[derive(Clone)]
 pub struct Key {
     /// Its id (the JWT `kid`).
     pub id: String,
@@ -53,6 +78,16 @@ pub struct Key {
     /// Tokens signed with it are refused after this time (seconds since the
     /// epoch); `None` while it is valid without limit.
     pub retire_after: Option<i64>,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("retire_after", &self.retire_after)
+            .finish()
+    }
 }
 
 /// Signs claims with a key.
@@ -74,8 +109,9 @@ pub fn key_id(token: &str) -> Option<String> {
     Some(header.kid)
 }
 
-/// Verifies a token against the keys and the current time (seconds).
-pub fn verify(token: &str, keys: &[Key], now: i64) -> Result<Claims, JwtError> {
+/// Verifies a token against the keys, the current time (seconds) and the
+/// lifetime limits.
+pub fn verify(token: &str, keys: &[Key], now: i64, limits: &Limits) -> Result<Claims, JwtError> {
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(JwtError::Invalid);
@@ -97,6 +133,13 @@ pub fn verify(token: &str, keys: &[Key], now: i64) -> Result<Claims, JwtError> {
     if key.retire_after.is_some_and(|t| now >= t) {
         return Err(JwtError::Retired);
     }
+    // Issued in the future, or living longer than any token this cluster
+    // issues: only a holder of the signing key mints such a token.
+    if claims.iat > now.saturating_add(limits.leeway)
+        || claims.exp.saturating_sub(claims.iat) > limits.max_lifetime.saturating_add(limits.leeway)
+    {
+        return Err(JwtError::OutOfBounds);
+    }
     if now >= claims.exp {
         return Err(JwtError::Expired);
     }
@@ -115,26 +158,28 @@ mod tests {
         Claims { sub: "u1".into(), sid: "s1".into(), iat: 100, exp }
     }
 
+    const L: Limits = Limits { max_lifetime: 900, leeway: 60 };
+
     #[test]
     fn round_trip_and_failures() {
         let k1 = key("k1");
         let k2 = key("k2");
         let t = sign(&claims(1000), &k1);
         assert_eq!(key_id(&t).as_deref(), Some("k1"));
-        assert_eq!(verify(&t, &[k2.clone(), k1.clone()], 500), Ok(claims(1000)));
-        assert_eq!(verify(&t, std::slice::from_ref(&k1), 1000), Err(JwtError::Expired));
-        assert_eq!(verify(&t, std::slice::from_ref(&k2), 500), Err(JwtError::Invalid));
+        assert_eq!(verify(&t, &[k2.clone(), k1.clone()], 500, &L), Ok(claims(1000)));
+        assert_eq!(verify(&t, std::slice::from_ref(&k1), 1000, &L), Err(JwtError::Expired));
+        assert_eq!(verify(&t, std::slice::from_ref(&k2), 500, &L), Err(JwtError::Invalid));
         // A token signed by k2 but claiming k1's id fails the signature check.
         let forged = sign(&claims(1000), &Key { id: "k1".into(), ..k2.clone() });
-        assert_eq!(verify(&forged, std::slice::from_ref(&k1), 500), Err(JwtError::Invalid));
+        assert_eq!(verify(&forged, std::slice::from_ref(&k1), 500, &L), Err(JwtError::Invalid));
         // Tampered claims.
         let mut parts: Vec<&str> = t.split('.').collect();
         let other = URL_SAFE_NO_PAD.encode(br#"{"sub":"admin","sid":"s1","iat":100,"exp":1000}"#);
         parts[1] = &other;
-        assert_eq!(verify(&parts.join("."), std::slice::from_ref(&k1), 500), Err(JwtError::Invalid));
-        assert_eq!(verify("a.b", std::slice::from_ref(&k1), 0), Err(JwtError::Invalid));
+        assert_eq!(verify(&parts.join("."), std::slice::from_ref(&k1), 500, &L), Err(JwtError::Invalid));
+        assert_eq!(verify("a.b", std::slice::from_ref(&k1), 0, &L), Err(JwtError::Invalid));
         let retired = Key { retire_after: Some(400), ..k1 };
-        assert_eq!(verify(&t, &[retired], 500), Err(JwtError::Retired));
+        assert_eq!(verify(&t, &[retired], 500, &L), Err(JwtError::Retired));
     }
 
     #[test]
@@ -142,6 +187,48 @@ mod tests {
         let k = key("k1");
         let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#);
         let c = URL_SAFE_NO_PAD.encode(br#"{"sub":"u","sid":"s","iat":1,"exp":9999999999}"#);
-        assert_eq!(verify(&format!("{h}.{c}."), &[k], 5), Err(JwtError::Invalid));
+        assert_eq!(verify(&format!("{h}.{c}."), &[k], 5, &L), Err(JwtError::Invalid));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let k = Key { id: "k1".into(), secret: b"super-secret-signing-material".to_vec(), retire_after: None };
+        let shown = format!("{k:?} {k:#?}");
+        assert!(shown.contains("k1"), "{shown}");
+        assert!(!shown.contains("super-secret"), "{shown}");
+        // Nor as the bytes a derived Debug would print.
+        assert!(!shown.contains(&format!("{:?}", &k.secret[..4]).trim_end_matches(']').to_owned()), "{shown}");
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_ttl_is_refused() {
+        // What a holder of a stolen signing key mints: a real key, a valid
+        // signature, and three years of validity.
+        let k = key("k1");
+        let now = 1_800_000_000;
+        let three_years = Claims { sub: "u1".into(), sid: "s1".into(), iat: now, exp: now + 3 * 365 * 86_400 };
+        let limits = Limits::for_ttl(900);
+        assert_eq!(
+            verify(&sign(&three_years, &k), std::slice::from_ref(&k), now + 10, &limits),
+            Err(JwtError::OutOfBounds)
+        );
+        // The configured TTL, and the TTL plus the leeway, still pass; one second more does not.
+        for (lifetime, ok) in [(900, true), (960, true), (961, false)] {
+            let c = Claims { exp: now + lifetime, ..three_years.clone() };
+            let got = verify(&sign(&c, &k), std::slice::from_ref(&k), now + 10, &limits);
+            assert_eq!(got.is_ok(), ok, "lifetime {lifetime}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_issued_in_the_future_is_refused() {
+        let k = key("k1");
+        let now = 1_800_000_000;
+        let limits = Limits::for_ttl(900);
+        let future = Claims { sub: "u1".into(), sid: "s1".into(), iat: now + 3600, exp: now + 3600 + 900 };
+        assert_eq!(verify(&sign(&future, &k), std::slice::from_ref(&k), now, &limits), Err(JwtError::OutOfBounds));
+        // A replica whose clock runs a little ahead is tolerated.
+        let skewed = Claims { iat: now + 30, exp: now + 30 + 900, ..future };
+        assert!(verify(&sign(&skewed, &k), std::slice::from_ref(&k), now, &limits).is_ok());
     }
 }

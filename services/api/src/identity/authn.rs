@@ -93,10 +93,11 @@ impl Identity {
         if jwt::key_id(token).is_some_and(|kid| !keys.iter().any(|k| k.id == kid)) {
             keys = self.keys.keys(true).await?;
         }
-        let claims = jwt::verify(token, &keys, now).map_err(|e| match e {
+        let limits = jwt::Limits::for_ttl(self.access_ttl.as_secs());
+        let claims = jwt::verify(token, &keys, now, &limits).map_err(|e| match e {
             JwtError::Expired => unauthenticated("the access token expired; refresh it or log in again"),
             JwtError::Retired => revoked("the access token was signed with a revoked key; log in again"),
-            JwtError::Invalid => unauthenticated("invalid access token"),
+            JwtError::Invalid | JwtError::OutOfBounds => unauthenticated("invalid access token"),
         })?;
         if uuid::Uuid::parse_str(&claims.sub).is_err() {
             return Err(unauthenticated("invalid access token"));
