@@ -41,15 +41,18 @@ type Failed = Mutex<BTreeMap<String, (PathBuf, String)>>;
 #[derive(Debug)]
 pub struct RuntimePools {
     rt: Runtime,
+    handle: tokio::runtime::Handle,
     root: PathBuf,
     declared: Mutex<BTreeMap<String, PathBuf>>,
     failed: Arc<Failed>,
 }
 
 impl RuntimePools {
-    /// Pools of `rt`, placed under `pool_root` unless declared with a path.
+    /// Pools of `rt`, placed under `pool_root` unless declared with a path. Must be created
+    /// inside the tokio runtime.
     pub fn new(rt: Runtime, pool_root: PathBuf) -> Self {
-        RuntimePools { rt, root: pool_root, declared: Mutex::default(), failed: Arc::default() }
+        let handle = tokio::runtime::Handle::current();
+        RuntimePools { rt, handle, root: pool_root, declared: Mutex::default(), failed: Arc::default() }
     }
 }
 
@@ -59,7 +62,8 @@ impl DeclaredPoolsSink for RuntimePools {
         let mut declared = self.declared.lock().unwrap_or_else(|e| e.into_inner());
         for p in pools {
             let path = if p.path.is_empty() { self.root.join(&p.name) } else { PathBuf::from(&p.path) };
-            match self.rt.declare_pool(&p.name, &path) {
+            // Called on a blocking thread (see DeclaredPoolsSink): blocking on the runtime is fine.
+            match self.handle.block_on(self.rt.declare_pool(&p.name, &path)) {
                 Ok(()) => {
                     if declared.get(&p.name) != Some(&path) {
                         info!(pool = %p.name, path = %path.display(), "pool ready");
@@ -67,9 +71,9 @@ impl DeclaredPoolsSink for RuntimePools {
                     }
                 }
                 Err(e) => {
-                    warn!(pool = %p.name, path = %path.display(), error = %e, "pool reconciliation failed");
+                    warn!(pool = %p.name, path = %path.display(), error = %e.message(), "pool reconciliation failed");
                     declared.remove(&p.name);
-                    failed.insert(p.name.clone(), (path, e.to_string()));
+                    failed.insert(p.name.clone(), (path, e.message()));
                 }
             }
         }
@@ -114,8 +118,8 @@ impl FactsProvider for RuntimeFacts {
             res.cpu_available = res.cpu_available.saturating_sub(used);
         }
         let mut pools: Vec<PoolStatus> = self
-            .rt
-            .list_pools()
+            .handle
+            .block_on(self.rt.list_pools())
             .into_iter()
             .map(|p| PoolStatus {
                 pool: Some(p),

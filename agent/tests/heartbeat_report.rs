@@ -169,7 +169,7 @@ async fn reports_accelerator_pools_cache_and_cpus() {
             "bootstrap:\n  cp_url: https://127.0.0.1:{port}\ntls:\n  cert_dir: {certs}\n\
              server:\n  listen: 127.0.0.1:0\n  unix_socket: {sock}\nstorage:\n  pool_root: {d}/pools\n\
              capacity:\n  max_cpus: 2\nruntime:\n  state_dir: {d}/state\n  qemu:\n    accel: tcg\n\
-             \x20 images:\n    allowed_schemes: [http]\n",
+             \x20 images:\n    allowed_schemes: [http]\n    fetch_allow: [127.0.0.1]\n",
             port = cp.port(),
             certs = certs.display(),
             sock = socket.display(),

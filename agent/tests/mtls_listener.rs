@@ -24,8 +24,16 @@ fn write_material(ca: &ClusterCa, dir: &Path, node: &str) {
     std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The port the agent bound for `server.listen: 127.0.0.1:0`, from its log line (no
+/// bind-drop-rebind race with other tests).
+async fn bound_port(log: &Path) -> u16 {
+    otherix_agent_testkit::wait_for("the agent's mTLS listener", Duration::from_secs(30), || async {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let line = text.lines().find(|l| l.contains("serving the agent API over mTLS"))?;
+        let addr = line.split("addr=Some(").nth(1)?.split(')').next()?;
+        addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+    })
+    .await
 }
 
 /// Calls ListPools over mTLS as `identity` (cert, key), trusting `ca`.
@@ -58,13 +66,12 @@ async fn only_the_control_plane_is_served() {
     let ca = ClusterCa::generate().unwrap();
     let certs = dir.path.join("certs");
     write_material(&ca, &certs, "worker-1");
-    let port = free_port();
     let config = dir.path.join("agent.yaml");
     // The control plane is not running: the heartbeat keeps retrying, the listener serves.
     std::fs::write(
         &config,
         format!(
-            "bootstrap:\n  cp_url: https://127.0.0.1:1\ntls:\n  cert_dir: {certs}\nserver:\n  listen: 127.0.0.1:{port}\n\
+            "bootstrap:\n  cp_url: https://127.0.0.1:1\ntls:\n  cert_dir: {certs}\nserver:\n  listen: 127.0.0.1:0\n\
              runtime:\n  state_dir: {d}/state\n  qemu:\n    accel: tcg\n",
             certs = certs.display(),
             d = dir.path.display()
@@ -76,6 +83,7 @@ async fn only_the_control_plane_is_served() {
         &config,
         &dir.path.join("agent.log"),
     );
+    let port = bound_port(&dir.path.join("agent.log")).await;
 
     let replica = ca.issue_server_cert(&["localhost".into()], VALIDITY).unwrap();
     let mut served = Err(String::new());
