@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use otherix_agent_enrolment::{DeclaredPoolsSink, FactsProvider, HostFactsProvider};
+use otherix_agent_enrolment::{DeclaredPoolsSink, FactsProvider, HostFactsProvider, confine_pool_path};
 use otherix_proto::otherix::agent::v1::{Accelerator, DeclaredPool, HeartbeatRequest, Pool, PoolStatus, Vm, VmPhase};
 use otherix_vm_runtime::Runtime;
 use tracing::{info, warn};
@@ -61,7 +61,17 @@ impl DeclaredPoolsSink for RuntimePools {
         let mut failed = BTreeMap::new();
         let mut declared = self.declared.lock().unwrap_or_else(|e| e.into_inner());
         for p in pools {
-            let path = if p.path.is_empty() { self.root.join(&p.name) } else { PathBuf::from(&p.path) };
+            // Confined to the pool root before anything is created or chmod'ed.
+            let path = match confine_pool_path(&self.root, &p.name, &p.path) {
+                Ok(path) => path,
+                Err(e) => {
+                    let shown = if p.path.is_empty() { self.root.join(&p.name) } else { PathBuf::from(&p.path) };
+                    warn!(pool = %p.name, path = %shown.display(), error = %e, "declared pool refused");
+                    declared.remove(&p.name);
+                    failed.insert(p.name.clone(), (shown, e.to_string()));
+                    continue;
+                }
+            };
             // Called on a blocking thread (see DeclaredPoolsSink): blocking on the runtime is fine.
             match self.handle.block_on(self.rt.declare_pool(&p.name, &path)) {
                 Ok(()) => {
@@ -183,6 +193,7 @@ mod tests {
             pools.declared_pools(vec![
                 DeclaredPool { name: "default".into(), path: String::new() },
                 DeclaredPool { name: "bad".into(), path: "relative".into() },
+                DeclaredPool { name: "escape".into(), path: "/etc/otherix-escape".into() },
             ]);
             facts.report()
         })
@@ -195,5 +206,8 @@ mod tests {
         assert!(by("default").pool.unwrap().capacity_bytes > 0);
         assert_eq!(by("bad").reconciliation_status, "failed");
         assert!(!by("bad").reconciliation_error.is_empty());
+        assert_eq!(by("escape").reconciliation_status, "failed");
+        assert!(by("escape").reconciliation_error.contains("outside the pool root"));
+        assert!(!std::path::Path::new("/etc/otherix-escape").exists());
     }
 }

@@ -23,20 +23,29 @@ use crate::service::AgentService;
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds `path` (replacing a stale socket) with mode 0600.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove stale socket {}", path.display())),
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    Ok(listener)
+/// Binds `path` (replacing a stale socket) with mode 0600. The file work runs on the
+/// blocking pool.
+pub async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    let path = path.to_path_buf();
+    let std_listener = tokio::task::spawn_blocking(move || -> anyhow::Result<std::os::unix::net::UnixListener> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove stale socket {}", path.display())),
+        }
+        let listener =
+            std::os::unix::net::UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", path.display()))?;
+        listener.set_nonblocking(true).context("make the unix listener non-blocking")?;
+        Ok(listener)
+    })
+    .await
+    .context("bind the unix socket")??;
+    UnixListener::from_std(std_listener).context("register the unix listener")
 }
 
 /// Serves the agent API on a bound unix socket until `shutdown` resolves.
@@ -58,8 +67,10 @@ pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("bind server.listen {addr}"))
 }
 
-/// Completes the TLS handshake and checks the peer: a verified client certificate that
-/// names a control-plane replica. `None` (connection dropped) otherwise.
+/// Completes the TLS handshake and checks the peer: a verified client certificate with the
+/// control-plane identity. The server config already refuses any other client in the
+/// handshake (the log line then says why); the check after it is a second line of defence.
+/// `None` (connection dropped) otherwise.
 async fn accept_peer(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,

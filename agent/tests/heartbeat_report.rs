@@ -92,7 +92,7 @@ async fn start_cp(ca: &ClusterCa, reports: Reports) -> SocketAddr {
 fn write_material(ca: &ClusterCa, dir: &Path, node: &str) {
     use std::os::unix::fs::PermissionsExt as _;
     let (key, csr) = otherix_pki::generate_agent_key_and_csr(node).unwrap();
-    let signed = ca.sign_agent_csr(&csr, node, &[], VALIDITY).unwrap();
+    let signed = ca.sign_agent_csr(&csr, node, VALIDITY).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("agent.crt"), &signed.cert_pem).unwrap();
     std::fs::write(dir.join("agent.key"), &key).unwrap();

@@ -9,14 +9,14 @@ use otherix_agent_testkit::{AgentProcess, TestDir};
 use otherix_pki::ClusterCa;
 use otherix_proto::otherix::agent::v1::ListPoolsRequest;
 use otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{ClientTlsConfig, Endpoint, Identity};
 
 const VALIDITY: Duration = Duration::from_secs(3600);
 
 fn write_material(ca: &ClusterCa, dir: &Path, node: &str) {
     use std::os::unix::fs::PermissionsExt as _;
     let (key, csr) = otherix_pki::generate_agent_key_and_csr(node).unwrap();
-    let signed = ca.sign_agent_csr(&csr, node, &[], VALIDITY).unwrap();
+    let signed = ca.sign_agent_csr(&csr, node, VALIDITY).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("agent.crt"), &signed.cert_pem).unwrap();
     std::fs::write(dir.join("agent.key"), &key).unwrap();
@@ -36,17 +36,16 @@ async fn bound_port(log: &Path) -> u16 {
     .await
 }
 
-/// Calls ListPools over mTLS as `identity` (cert, key), trusting `ca`.
+/// Calls ListPools over mTLS as `identity` (cert, key), accepting the server the way the
+/// control plane does: a certificate from `ca` naming node worker-1.
 async fn list_pools(port: u16, ca: &str, identity: Option<(&str, &str)>) -> Result<usize, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("node-worker-1.agents.otherix.local");
+    let mut tls = ClientTlsConfig::new().domain_name("node-worker-1.agents.otherix.local");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
     let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
-        .tls_config(tls)
+        .tls_config_with_verifier(tls, otherix_pki::node_server_verifier(ca, "worker-1").unwrap())
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(5))
@@ -97,7 +96,7 @@ async fn only_the_control_plane_is_served() {
     let log = || std::fs::read_to_string(dir.path.join("agent.log")).unwrap_or_default();
     assert_eq!(served, Ok(0), "{}", log());
 
-    // Another node's certificate (same CA): refused after the handshake.
+    // Another node's certificate (same CA): refused in the handshake, for its identity.
     let other = dir.path.join("other");
     write_material(&ca, &other, "worker-2");
     let (cert, key) = (
@@ -112,7 +111,7 @@ async fn only_the_control_plane_is_served() {
     let fake = rogue.issue_server_cert(&["localhost".into()], VALIDITY).unwrap();
     assert!(list_pools(port, ca.cert_pem(), Some((&fake.cert_pem, &fake.key_pem))).await.is_err());
     let log = log();
-    assert!(log.contains("refused a client that is not the control plane"), "{log}");
+    assert!(log.contains("not the control plane: the certificate of node \"worker-2\""), "{log}");
     assert!(log.contains("mTLS handshake failed"), "{log}");
     assert!(log.contains("agent: using existing cert material"), "{log}");
 }

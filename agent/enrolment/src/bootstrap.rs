@@ -185,28 +185,27 @@ impl fmt::Debug for Material {
 
 impl Material {
     /// The rustls config of the agent's own mTLS server (`:9443`): presents the agent
-    /// certificate and requires a client certificate from the cluster CA. Check after the
-    /// handshake that the peer is the control plane with [`is_control_plane_peer`].
+    /// certificate and requires a client certificate from the cluster CA with the
+    /// control-plane identity; any other client (another node included) fails the handshake.
     pub fn server_tls_config(&self) -> Result<rustls::ServerConfig, otherix_pki::PkiError> {
-        otherix_pki::server_config_mtls(&self.cert_pem, &self.key_pem, &self.ca_pem, true)
+        otherix_pki::agent_server_config(&self.cert_pem, &self.key_pem, &self.ca_pem)
     }
 
-    /// A rustls client config presenting the agent certificate and trusting only the
-    /// cluster CA (ALPN h2), for callers with their own connectors.
+    /// A rustls client config presenting the agent certificate and accepting only the
+    /// control plane (cluster CA and control-plane identity; ALPN h2), for callers with their
+    /// own connectors.
     pub fn client_tls_config(&self) -> Result<rustls::ClientConfig, otherix_pki::PkiError> {
         otherix_pki::client_config_mtls(&self.cert_pem, &self.key_pem, &self.ca_pem)
     }
 }
 
 /// Whether a peer certificate (DER; already verified against the cluster CA by the TLS
-/// handshake) belongs to a control-plane replica: `CN=otherix-cp-replica` and no node
-/// identity. The agent's server accepts only such peers.
+/// handshake) belongs to a control-plane replica: it carries the control-plane identity
+/// ([`otherix_pki::CP_IDENTITY_URI`]) and names no node. The agent's server config already
+/// refuses every other client in the handshake; this is the same check for callers that
+/// look at a connection afterwards.
 pub fn is_control_plane_peer(der: &[u8]) -> bool {
-    if otherix_pki::cert_identity_der(der).is_some() {
-        return false;
-    }
-    cert_info(&encode_cert_pem(der))
-        .is_ok_and(|i| !i.is_ca && i.common_name.as_deref() == Some(otherix_pki::CP_COMMON_NAME))
+    otherix_pki::is_control_plane_cert_der(der)
 }
 
 /// What [`bootstrap`] did.
@@ -486,7 +485,7 @@ mod tests {
         let der = |pem: &str| single_cert(pem).unwrap();
         assert!(is_control_plane_peer(der(&cp.cert_pem).as_ref()));
         let (key, csr) = generate_agent_key_and_csr("worker-1").unwrap();
-        let agent = ca.sign_agent_csr(&csr, "worker-1", &[], Duration::from_secs(60)).unwrap();
+        let agent = ca.sign_agent_csr(&csr, "worker-1", Duration::from_secs(60)).unwrap();
         assert!(!is_control_plane_peer(der(&agent.cert_pem).as_ref()));
         assert!(!is_control_plane_peer(ca.cert_der().as_ref()));
         assert!(!is_control_plane_peer(b"junk"));

@@ -83,9 +83,13 @@ pub enum BootstrapError {
         source: std::io::Error,
     },
 
-    /// A PKI operation failed (key generation, atomic write).
+    /// A PKI operation failed (key generation, certificate parsing).
     #[error("bootstrap: {0}")]
     Pki(#[from] otherix_pki::PkiError),
+
+    /// Writing the cert material failed (directory, atomic write).
+    #[error("bootstrap: writing the cert material")]
+    File(#[from] otherix_files::FileError),
 }
 
 fn fmt_message(m: &str) -> String {

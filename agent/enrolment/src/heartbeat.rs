@@ -87,8 +87,13 @@ pub struct HeartbeatConfig {
     pub change_check_interval: Duration,
     /// First reconnect delay (default 1 s); doubles per failure.
     pub backoff_initial: Duration,
-    /// Largest reconnect delay (default 30 s); also the delay after a permanent refusal.
+    /// Largest reconnect delay (default 30 s); also the delay after `node_gone` (waiting for
+    /// an operator to readmit the node).
     pub backoff_max: Duration,
+    /// Delay after the control plane refused this node's certificate (deleted node, revoked
+    /// or replaced certificate; default 5 min): only a new bootstrap helps, so the agent
+    /// checks back rarely instead of retrying hot.
+    pub refused_retry: Duration,
     /// TCP connect plus TLS handshake limit (default 10 s).
     pub connect_timeout: Duration,
     /// Reconnect when no answer came for this many intervals (default 3, at least 10 s).
@@ -102,6 +107,7 @@ impl Default for HeartbeatConfig {
             change_check_interval: Duration::from_secs(5),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            refused_retry: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             stale_after_intervals: 3,
         }
@@ -119,11 +125,12 @@ pub enum HeartbeatError {
         /// The cause.
         cause: String,
     },
-    /// The control plane refused this node (revoked cert, gone node): permanent until an
-    /// operator acts.
+    /// The control plane refused this node (deleted node, revoked cert, gone node):
+    /// permanent until an operator acts.
     #[error("refused by the control plane: {reason}: {message}")]
     Refused {
-        /// The ErrorInfo reason (`cert_revoked`, `unauthenticated`, `node_gone`).
+        /// The ErrorInfo reason (`node_deleted`, `cert_revoked`, `unauthenticated`,
+        /// `node_gone`).
         reason: String,
         /// The message.
         message: String,
@@ -144,6 +151,30 @@ impl HeartbeatError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, HeartbeatError::Refused { .. })
     }
+
+    /// Whether this node's certificate is no longer accepted at all (the node was deleted,
+    /// or its certificate revoked or replaced): only bootstrapping again helps.
+    pub fn is_certificate_refused(&self) -> bool {
+        matches!(self, HeartbeatError::Refused { reason, .. } if reason != "node_gone")
+    }
+
+    /// What an operator has to do about a permanent refusal.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            HeartbeatError::Refused { reason, .. } if reason == "node_gone" => {
+                "the node is marked gone; an operator must readmit it (otherix node readmit <name>)"
+            }
+            HeartbeatError::Refused { reason, .. } if reason == "node_deleted" => {
+                "the node was deleted from the cluster and its certificate is no longer accepted; \
+                 bootstrap again (otherix-agent bootstrap --force) with a fresh join token"
+            }
+            HeartbeatError::Refused { .. } => {
+                "the control plane no longer accepts this node's certificate (node deleted, certificate revoked \
+                 or replaced); bootstrap again (otherix-agent bootstrap --force) with a fresh join token"
+            }
+            _ => "",
+        }
+    }
 }
 
 /// The `google.rpc.ErrorInfo.reason` of a status, if it carries one.
@@ -160,7 +191,9 @@ fn classify(status: &tonic::Status) -> HeartbeatError {
     let reason = error_reason(status);
     let permanent = match reason.as_deref() {
         Some("node_gone") => true,
-        Some("cert_revoked" | "unauthenticated") | None => status.code() == tonic::Code::Unauthenticated,
+        Some("node_deleted" | "cert_revoked" | "unauthenticated") | None => {
+            status.code() == tonic::Code::Unauthenticated
+        }
         Some(_) => false,
     };
     if permanent {
@@ -307,7 +340,8 @@ impl HeartbeatClient {
     }
 
     /// Runs until `shutdown` resolves: connects, reports, reconnects with backoff. Permanent
-    /// refusals are logged at ERROR and retried at the max backoff.
+    /// refusals are logged at ERROR with what to do; `node_gone` is retried at the max
+    /// backoff, a refused certificate (deleted node) only every `refused_retry`.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let mut shutdown = pin!(shutdown);
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
@@ -330,8 +364,13 @@ impl HeartbeatClient {
                         backoff.reset();
                     }
                     if err.is_permanent() {
-                        let delay = backoff.max_delay();
-                        span.in_scope(|| error!(error = %err, retry_in = ?delay, "heartbeat refused; the node must be readmitted or re-bootstrapped"));
+                        let delay = if err.is_certificate_refused() {
+                            jitter(self.config.refused_retry)
+                        } else {
+                            backoff.max_delay()
+                        };
+                        let advice = err.advice();
+                        span.in_scope(|| error!(error = %err, retry_in = ?delay, "heartbeat refused: {advice}"));
                         delay
                     } else {
                         let delay = backoff.next_delay();
@@ -510,6 +549,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A deleted node: the control plane's record is gone, the certificate is refused.
+        let deleted =
+            ApiError::new(ErrorCode::Unauthenticated, "node \"w\" was deleted").with_detail("reason", "node_deleted");
+        let e = classify(&deleted.to_status());
+        assert!(e.is_permanent() && e.is_certificate_refused(), "{e:?}");
+        assert!(e.advice().contains("deleted") && e.advice().contains("fresh join token"));
         let plain = tonic::Status::unauthenticated("no cert");
         assert!(classify(&plain).is_permanent());
         // A reason that is not in this build's ErrorCode table still counts.
@@ -532,6 +577,8 @@ mod tests {
             HeartbeatError::Refused { reason, .. } => assert_eq!(reason, "node_gone"),
             other => panic!("{other:?}"),
         }
+        assert!(!classify(&gone).is_certificate_refused());
+        assert!(classify(&gone).advice().contains("readmit"));
         assert!(!classify(&tonic::Status::unavailable("connection reset")).is_permanent());
         assert!(!classify(&ApiError::internal().to_status()).is_permanent());
     }

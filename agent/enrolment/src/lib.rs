@@ -82,5 +82,5 @@ pub use facts::{CapacityConfig, FactsConfig, HostFacts};
 pub use heartbeat::{
     DeclaredPoolsSink, FactsProvider, HeartbeatClient, HeartbeatConfig, HeartbeatError, HostFactsProvider,
 };
-pub use pools::{DirPools, PoolReport};
+pub use pools::{DirPools, PoolPathError, PoolReport, confine_pool_path};
 pub use transport::{CpUrl, host_architecture, normalize_architecture, parse_cp_url};

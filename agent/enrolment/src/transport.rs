@@ -7,7 +7,7 @@ use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::BootstrapError;
 
@@ -141,22 +141,35 @@ pub(crate) async fn unverified_channel(
     endpoint(cp, connect_timeout)?.tls_config_with_verifier(tls, Arc::new(AcceptAnyServerCert::new()))?.connect().await
 }
 
-/// An endpoint whose TLS trusts only `ca_pem` (the server must be named `cp.host`) and, when
-/// `identity` is given, presents that client certificate.
+/// Why a pinned endpoint could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EndpointError {
+    /// The CA PEM does not load.
+    #[error("the cluster CA")]
+    Ca(#[source] otherix_pki::PkiError),
+    /// tonic refused the URL or TLS settings.
+    #[error("the channel")]
+    Channel(#[source] tonic::transport::Error),
+}
+
+/// An endpoint that accepts as server only the control plane: a certificate from `ca_pem`
+/// with the control-plane identity (host name not checked, see
+/// [`otherix_pki::control_plane_verifier`]); when `identity` is given, it presents that
+/// client certificate.
 pub(crate) fn pinned_endpoint(
     cp: &CpUrl,
     ca_pem: &str,
     identity: Option<(&str, &str)>,
     connect_timeout: Duration,
-) -> Result<Endpoint, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .domain_name(cp.host.clone())
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .timeout(connect_timeout);
+) -> Result<Endpoint, EndpointError> {
+    let verifier = otherix_pki::control_plane_verifier(ca_pem).map_err(EndpointError::Ca)?;
+    let mut tls = ClientTlsConfig::new().domain_name(cp.host.clone()).timeout(connect_timeout);
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    endpoint(cp, connect_timeout)?.tls_config(tls)
+    endpoint(cp, connect_timeout)
+        .and_then(|e| e.tls_config_with_verifier(tls, verifier))
+        .map_err(EndpointError::Channel)
 }
 
 #[cfg(test)]

@@ -177,14 +177,13 @@ async fn connection_failures_and_unverifiable_servers() {
     assert!(msg.starts_with(&format!("bootstrap protocol: fetch /v1/ca: connect https://127.0.0.1:{port}:")), "{msg}");
     assert!(msg.to_lowercase().contains("connection refused"), "{msg}");
 
-    // A server whose certificate does not name the host we dial: GetCa (unverified) works,
-    // the pinned join connection refuses it.
+    // A replica whose certificate does not name the host we dial: the control plane is
+    // recognised by its identity, not by the host name, so the join goes through.
     let ca = std::sync::Arc::new(otherix_pki::ClusterCa::generate().unwrap());
     let cp = TestCp::start_with(ca, Default::default(), None, &["cp.elsewhere.example"]);
-    let e = bootstrap(&opts(&cp, &cp.fingerprint(), dir.path())).await.unwrap_err();
-    let msg = e.to_string();
-    assert!(msg.starts_with("bootstrap protocol: join: connect"), "{msg}");
-    assert_eq!(cp.state.join_requests.lock().unwrap().len(), 0);
+    let elsewhere = tempfile::tempdir().unwrap();
+    bootstrap(&opts(&cp, &cp.fingerprint(), elsewhere.path())).await.unwrap();
+    assert_eq!(cp.state.join_requests.lock().unwrap().len(), 1);
 
     // Bad inputs fail before any network traffic.
     let cp = TestCp::start();
@@ -209,4 +208,35 @@ async fn connection_failures_and_unverifiable_servers() {
         assert!(e.to_string().contains(needle), "{e} lacks {needle}");
     }
     assert_eq!(cp.state.join_requests.lock().unwrap().len(), 0);
+}
+
+/// A join-token holder's node certificate cannot pose as the control plane: the impostor
+/// serves the real CA, so the pinned fingerprint matches, but the join connection refuses
+/// its certificate for its identity and the token is never sent. Both a certificate as issued
+/// now and one as issued before (with `localhost` and `127.0.0.1` from the advertised
+/// endpoint, and serverAuth) are refused.
+#[tokio::test]
+async fn an_impostor_with_a_node_certificate_never_gets_the_token() {
+    common::init_tracing();
+    let ca = std::sync::Arc::new(otherix_pki::ClusterCa::generate().unwrap());
+    let (key, csr) = otherix_pki::generate_agent_key_and_csr("impostor").unwrap();
+    let current = ca.sign_agent_csr(&csr, "impostor", std::time::Duration::from_secs(3600)).unwrap().cert_pem;
+    for (cert, key) in [(current, key), common::legacy_node_cert(&ca, "impostor")] {
+        let fake = TestCp::start_impostor(ca.clone(), &cert, &key);
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(&fake, &fake.fingerprint(), dir.path());
+        o.token = TokenSource::Value("otx_join_victims_secret".into());
+        let e = bootstrap(&o).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("bootstrap protocol: join: connect"), "{msg}");
+        assert!(msg.contains("not the control plane: the certificate of node \"impostor\""), "{msg}");
+        // The handshake was attempted (and failed on the impostor's side too)...
+        common::wait_for("the refused handshake", std::time::Duration::from_secs(5), || {
+            (fake.state.handshake_failures.load(Ordering::SeqCst) >= 1).then_some(())
+        })
+        .await;
+        // ...and no join request, so no token, reached it.
+        assert!(fake.state.join_requests.lock().unwrap().is_empty());
+        assert!(!dir.path().join("certs").join("agent.crt").exists());
+    }
 }

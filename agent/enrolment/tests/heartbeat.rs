@@ -35,6 +35,7 @@ fn fast() -> HeartbeatConfig {
         change_check_interval: Duration::from_millis(200),
         backoff_initial: Duration::from_millis(100),
         backoff_max: Duration::from_millis(400),
+        refused_retry: Duration::from_millis(400),
         connect_timeout: Duration::from_secs(5),
         stale_after_intervals: 3,
     }
@@ -159,7 +160,7 @@ async fn a_cert_from_another_ca_never_gets_a_stream() {
     // Same CA for the server, but our cert and key from elsewhere: the handshake fails.
     let other = otherix_pki::ClusterCa::generate().unwrap();
     let (key, csr) = otherix_pki::generate_agent_key_and_csr("worker-3").unwrap();
-    material.cert_pem = other.sign_agent_csr(&csr, "worker-3", &[], Duration::from_secs(3600)).unwrap().cert_pem;
+    material.cert_pem = other.sign_agent_csr(&csr, "worker-3", Duration::from_secs(3600)).unwrap().cert_pem;
     material.key_pem = key;
     let facts = Arc::new(HostFactsProvider::new(FactsConfig::new(dir.path()), "v", None));
     let client = HeartbeatClient::new(&cp.url(), &material, facts, Arc::new(|_: Vec<DeclaredPool>| {}))
@@ -171,6 +172,77 @@ async fn a_cert_from_another_ca_never_gets_a_stream() {
         let _ = stop_rx.await;
     }));
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(cp.state.reports().is_empty());
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+}
+
+/// A node certificate cannot serve as the control plane to an agent's heartbeat client: a
+/// fake control plane on 127.0.0.1 presenting another node's certificate from the same CA
+/// (one that even names 127.0.0.1) gets handshakes (so the client tried) but never a stream
+/// or a report.
+#[tokio::test]
+async fn a_node_certificate_cannot_pose_as_the_control_plane() {
+    common::init_tracing();
+    let cp = TestCp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let material = enrol(&cp, dir.path(), "victim").await;
+    // A certificate as issued before node certificates named the node only: it names
+    // 127.0.0.1 and localhost and allows serverAuth, so only the identity check stops it.
+    let (cert, key) = common::legacy_node_cert(&cp.ca, "impostor");
+    let fake = TestCp::start_impostor(cp.ca.clone(), &cert, &key);
+    let facts = Arc::new(HostFactsProvider::new(FactsConfig::new(dir.path()), "v", None));
+    let declared = Arc::new(std::sync::Mutex::new(0usize));
+    let sink_declared = declared.clone();
+    let sink = move |_: Vec<DeclaredPool>| *sink_declared.lock().unwrap() += 1;
+    let client =
+        HeartbeatClient::new(&fake.url(), &material, facts, Arc::new(sink)).unwrap().with_config(fast()).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(client.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_for("two refused handshakes", Duration::from_secs(10), || {
+        (fake.state.handshake_failures.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(fake.state.streams.load(Ordering::SeqCst), 0);
+    assert!(fake.state.reports().is_empty());
+    assert_eq!(*declared.lock().unwrap(), 0, "nothing from the impostor was applied");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+}
+
+/// A deleted node learns it from the refusal (`node_deleted`) and checks back only every
+/// `refused_retry`, not at the reconnect backoff.
+#[tokio::test]
+async fn a_deleted_node_stops_retrying_hot() {
+    common::init_tracing();
+    let cp = TestCp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let material = enrol(&cp, dir.path(), "worker-4").await;
+    cp.state.deleted.lock().unwrap().push("worker-4".into());
+    let facts = Arc::new(HostFactsProvider::new(FactsConfig::new(dir.path()), "v", None));
+    let config = HeartbeatConfig {
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(50),
+        refused_retry: Duration::from_secs(4),
+        ..fast()
+    };
+    let client = HeartbeatClient::new(&cp.url(), &material, facts, Arc::new(|_: Vec<DeclaredPool>| {}))
+        .unwrap()
+        .with_config(config)
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(client.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_for("the first refusal", Duration::from_secs(10), || {
+        (cp.state.refusals.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    // At the 50 ms backoff this would be dozens of attempts; the jittered retry is >= 2 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cp.state.refusals.load(Ordering::SeqCst), 1);
     assert!(cp.state.reports().is_empty());
     stop_tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();

@@ -17,7 +17,7 @@ use x509_parser::public_key::PublicKey;
 
 use crate::ca::{BACKDATE, ClusterCa, LeafSpec, add_validity, now_utc};
 use crate::error::{CsrError, PkiError};
-use crate::names::{San, agent_common_name, agent_dns_name, parse_sans, validate_node_name};
+use crate::names::{San, agent_common_name, agent_dns_name, validate_node_name};
 
 /// Largest CSR PEM accepted by [`ClusterCa::sign_agent_csr`].
 pub const MAX_CSR_PEM_BYTES: usize = 64 * 1024;
@@ -144,23 +144,19 @@ fn check_csr(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, CsrError> {
 }
 
 impl ClusterCa {
-    /// Signs an agent CSR: checks it, ignores its subject and SANs, and issues
-    /// `CN=node-<name>`, SAN `node-<name>.agents.otherix.local` plus `extra_sans`,
-    /// EKU clientAuth + serverAuth, not a CA.
+    /// Signs an agent CSR: checks it, ignores its subject and SANs, and issues a certificate
+    /// that names the node only: `CN=node-<name>`, the one SAN
+    /// `node-<name>.agents.otherix.local`, EKU clientAuth only (a node certificate can never
+    /// serve TLS to a client that checks the purpose), not a CA. Nothing the joining agent
+    /// chooses besides its name and key ends up in the certificate.
     pub fn sign_agent_csr(
         &self,
         csr_pem: &str,
         node_name: &str,
-        extra_sans: &[String],
         validity: Duration,
     ) -> Result<SignedAgentCert, CsrError> {
         validate_node_name(node_name)?;
-        let mut sans = vec![San::Dns(agent_dns_name(node_name))];
-        for s in parse_sans(extra_sans).map_err(|(name, reason)| CsrError::InvalidSan { name, reason })? {
-            if !sans.contains(&s) {
-                sans.push(s);
-            }
-        }
+        let sans = vec![San::Dns(agent_dns_name(node_name))];
         let public_key = check_csr(csr_pem)?;
         let now = now_utc();
         let common_name = agent_common_name(node_name);
@@ -170,6 +166,7 @@ impl ClusterCa {
                 &LeafSpec {
                     common_name: common_name.clone(),
                     sans,
+                    server_auth: false,
                     not_before: now - BACKDATE,
                     not_after: add_validity(now, validity),
                 },
@@ -204,14 +201,15 @@ mod tests {
     fn agent_enrolment_round_trip() {
         let ca = ClusterCa::generate().unwrap();
         let (key_pem, csr_pem) = generate_agent_key_and_csr("node-a1").unwrap();
-        let signed = ca.sign_agent_csr(&csr_pem, "node-a1", &["10.0.0.7".into()], YEAR).unwrap();
+        let signed = ca.sign_agent_csr(&csr_pem, "node-a1", YEAR).unwrap();
         verify_chain(&signed.cert_pem, ca.cert_pem()).unwrap();
         assert!(key_matches_cert(&signed.cert_pem, &key_pem).unwrap());
         assert_eq!(cert_identity(&signed.cert_pem).as_deref(), Some("node-a1"));
         let info = cert_info(&signed.cert_pem).unwrap();
         assert_eq!(info.common_name.as_deref(), Some("node-node-a1"));
         assert_eq!(signed.subject, "CN=node-node-a1");
-        assert_eq!(info.sans, ["node-node-a1.agents.otherix.local", "10.0.0.7"]);
+        assert_eq!(info.sans, ["node-node-a1.agents.otherix.local"]);
+        assert!(info.uris.is_empty());
         assert!(!info.is_ca);
         assert_eq!(info.serial_hex, signed.serial_hex);
         assert_eq!(info.fingerprint_sha256, signed.fingerprint_sha256);
@@ -220,14 +218,16 @@ mod tests {
         let der = crate::pem::first_cert_from_pem(&signed.cert_pem).unwrap();
         let x = crate::pem::parse_x509(&der).unwrap();
         let eku = x.extended_key_usage().unwrap().unwrap().value;
-        assert!(eku.client_auth && eku.server_auth);
+        // clientAuth only: a node certificate cannot serve TLS to a purpose-checking client.
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(!crate::is_control_plane_cert_der(&der));
         let bc = x.basic_constraints().unwrap().unwrap().value;
         assert!(!bc.ca);
         let ku = x.key_usage().unwrap().unwrap().value;
         assert!(ku.digital_signature() && !ku.key_cert_sign());
 
         // Two signings of the same CSR get different serials.
-        let again = ca.sign_agent_csr(&csr_pem, "node-a1", &[], YEAR).unwrap();
+        let again = ca.sign_agent_csr(&csr_pem, "node-a1", YEAR).unwrap();
         assert_ne!(again.serial_hex, signed.serial_hex);
     }
 
@@ -246,7 +246,7 @@ mod tests {
         params.distinguished_name = dn;
         params.subject_alt_names.push(SanType::Rfc822Name("root@example.com".try_into().unwrap()));
         let csr = csr_with(&params, &rcgen::PKCS_ECDSA_P384_SHA384);
-        let signed = ca.sign_agent_csr(&csr, "worker-2", &[], YEAR).unwrap();
+        let signed = ca.sign_agent_csr(&csr, "worker-2", YEAR).unwrap();
         let info = cert_info(&signed.cert_pem).unwrap();
         assert_eq!(info.subject, "CN=node-worker-2");
         assert_eq!(info.sans, ["node-worker-2.agents.otherix.local"]);
@@ -254,7 +254,7 @@ mod tests {
 
         // An openssl-made RSA 2048 CSR with its own subject and SANs: accepted, ignored.
         let rsa = include_str!("testdata/rsa2048.csr");
-        let signed = ca.sign_agent_csr(rsa, "rsa-node", &[], YEAR).unwrap();
+        let signed = ca.sign_agent_csr(rsa, "rsa-node", YEAR).unwrap();
         let info = cert_info(&signed.cert_pem).unwrap();
         assert_eq!(info.subject, "CN=node-rsa-node");
         assert_eq!(info.sans, ["node-rsa-node.agents.otherix.local"]);
@@ -266,12 +266,12 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
             let csr = csr_with(&CertificateParams::default(), alg);
-            let signed = ca.sign_agent_csr(&csr, "n1", &[], YEAR).unwrap();
+            let signed = ca.sign_agent_csr(&csr, "n1", YEAR).unwrap();
             verify_chain(&signed.cert_pem, ca.cert_pem()).unwrap();
             assert_eq!(cert_spki(&signed.cert_pem), csr_spki(&csr));
         }
         let rsa = include_str!("testdata/rsa2048.csr");
-        let signed = ca.sign_agent_csr(rsa, "n1", &[], YEAR).unwrap();
+        let signed = ca.sign_agent_csr(rsa, "n1", YEAR).unwrap();
         assert_eq!(cert_spki(&signed.cert_pem), csr_spki(rsa));
     }
 
@@ -294,30 +294,27 @@ mod tests {
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = csr_with(&params, &rcgen::PKCS_ECDSA_P384_SHA384);
-        assert!(matches!(
-            ca.sign_agent_csr(&csr, "n1", &[], YEAR),
-            Err(CsrError::CaRequested("basicConstraints CA:TRUE"))
-        ));
+        assert!(matches!(ca.sign_agent_csr(&csr, "n1", YEAR), Err(CsrError::CaRequested("basicConstraints CA:TRUE"))));
 
         let mut params = CertificateParams::default();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
         let csr = csr_with(&params, &rcgen::PKCS_ECDSA_P384_SHA384);
-        assert!(matches!(ca.sign_agent_csr(&csr, "n1", &[], YEAR), Err(CsrError::CaRequested("keyUsage keyCertSign"))));
+        assert!(matches!(ca.sign_agent_csr(&csr, "n1", YEAR), Err(CsrError::CaRequested("keyUsage keyCertSign"))));
 
         let mut params = CertificateParams::default();
         params.key_usages = vec![KeyUsagePurpose::CrlSign];
         let csr = csr_with(&params, &rcgen::PKCS_ECDSA_P384_SHA384);
-        assert!(matches!(ca.sign_agent_csr(&csr, "n1", &[], YEAR), Err(CsrError::CaRequested("keyUsage cRLSign"))));
+        assert!(matches!(ca.sign_agent_csr(&csr, "n1", YEAR), Err(CsrError::CaRequested("keyUsage cRLSign"))));
 
         let nc = include_str!("testdata/p256-nameconstraints.csr");
-        assert!(matches!(ca.sign_agent_csr(nc, "n1", &[], YEAR), Err(CsrError::CaRequested("nameConstraints"))));
+        assert!(matches!(ca.sign_agent_csr(nc, "n1", YEAR), Err(CsrError::CaRequested("nameConstraints"))));
 
         // An explicit CA:FALSE and an ordinary key usage are fine.
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let csr = csr_with(&params, &rcgen::PKCS_ECDSA_P256_SHA256);
-        ca.sign_agent_csr(&csr, "n1", &[], YEAR).unwrap();
+        ca.sign_agent_csr(&csr, "n1", YEAR).unwrap();
     }
 
     #[test]
@@ -328,7 +325,7 @@ mod tests {
             (include_str!("testdata/p521.csr"), "ECDSA on curve 1.3.132.0.35"),
             (include_str!("testdata/ed448.csr"), "key algorithm 1.3.101.113"),
         ] {
-            match ca.sign_agent_csr(csr, "n1", &[], YEAR) {
+            match ca.sign_agent_csr(csr, "n1", YEAR) {
                 Err(CsrError::UnsupportedKeyType(got)) => assert_eq!(got, want),
                 other => panic!("{want}: {other:?}"),
             }
@@ -344,7 +341,7 @@ mod tests {
         let pos = der.windows(7).position(|w| w == b"node-n1").expect("CN in CSR");
         der[pos + 5] = b'x';
         let tampered = crate::pem::encode_pem("CERTIFICATE REQUEST", &der);
-        assert!(matches!(ca.sign_agent_csr(&tampered, "n1", &[], YEAR), Err(CsrError::BadSignature(_))));
+        assert!(matches!(ca.sign_agent_csr(&tampered, "n1", YEAR), Err(CsrError::BadSignature(_))));
     }
 
     #[test]
@@ -352,16 +349,9 @@ mod tests {
         let ca = ClusterCa::generate().unwrap();
         let (_, csr) = generate_agent_key_and_csr("ok").unwrap();
         for bad in ["", "-a", "a-", "UPPER", "a.b", &"x".repeat(64)] {
-            assert!(
-                matches!(ca.sign_agent_csr(&csr, bad, &[], YEAR), Err(CsrError::InvalidNodeName { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(ca.sign_agent_csr(&csr, bad, YEAR), Err(CsrError::InvalidNodeName { .. })), "{bad:?}");
             assert!(generate_agent_key_and_csr(bad).is_err());
         }
-        assert!(matches!(
-            ca.sign_agent_csr(&csr, "ok", &["not a name".into()], YEAR),
-            Err(CsrError::InvalidSan { .. })
-        ));
     }
 
     #[test]
@@ -392,10 +382,10 @@ mod tests {
             inputs.push(crate::pem::encode_pem("CERTIFICATE REQUEST", &d));
         }
         for junk in &inputs {
-            assert!(ca.sign_agent_csr(junk, "n1", &[], YEAR).is_err(), "accepted {junk:?}");
+            assert!(ca.sign_agent_csr(junk, "n1", YEAR).is_err(), "accepted {junk:?}");
         }
         assert!(matches!(
-            ca.sign_agent_csr(&"A".repeat(MAX_CSR_PEM_BYTES + 1), "n1", &[], YEAR),
+            ca.sign_agent_csr(&"A".repeat(MAX_CSR_PEM_BYTES + 1), "n1", YEAR),
             Err(CsrError::TooLarge(_))
         ));
     }

@@ -51,10 +51,12 @@ pub(crate) struct IssuedLeaf {
     pub not_after: SystemTime,
 }
 
-/// The leaf profile: subject CN, SANs, validity.
+/// The leaf profile: subject CN, SANs, validity, and whether it may serve TLS.
 pub(crate) struct LeafSpec {
     pub common_name: String,
     pub sans: Vec<San>,
+    /// serverAuth in the extended key usage (replicas); clientAuth is always there.
+    pub server_auth: bool,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -165,7 +167,8 @@ impl ClusterCa {
         self.fingerprint
     }
 
-    /// Signs a leaf for `public_key` with the given profile; not a CA, EKU server+client auth.
+    /// Signs a leaf for `public_key` with the given profile; not a CA, EKU clientAuth, plus
+    /// serverAuth when the profile says so.
     pub(crate) fn issue_leaf(&self, public_key: &impl PublicKeyData, spec: &LeafSpec) -> Result<IssuedLeaf, String> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -175,7 +178,11 @@ impl ClusterCa {
             spec.sans.iter().map(|s| s.to_rcgen().map_err(|r| format!("SAN {s}: {r}"))).collect::<Result<_, _>>()?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = if spec.server_auth {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         params.use_authority_key_identifier_extension = true;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;

@@ -38,19 +38,59 @@ pub enum PkiError {
     #[error(transparent)]
     InvalidNodeName(#[from] NodeNameError),
     /// A file system operation failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The path the operation was on.
         path: PathBuf,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
+    /// An atomic file write failed.
+    #[error(transparent)]
+    File(#[from] otherix_files::FileError),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     /// The client certificate verifier could not be built.
     #[error("client certificate verifier: {0}")]
     ClientVerifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// Why a peer's certificate (already parsed, chain checked separately) is not the identity a
+/// connection requires. Carried inside the rustls error of the refused handshake.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The peer had to be the control plane.
+    #[error(
+        "not the control plane: {found} lacks the control-plane identity ({uri})",
+        uri = crate::names::CP_IDENTITY_URI
+    )]
+    NotControlPlane {
+        /// What the certificate is instead.
+        found: String,
+    },
+    /// The peer had to be a node.
+    #[error("not a node: {found}")]
+    NotNode {
+        /// What the certificate is instead.
+        found: String,
+    },
+    /// The peer had to be one particular node.
+    #[error("the certificate names node {found:?}, not {expected:?}")]
+    WrongNode {
+        /// The node that was meant.
+        expected: String,
+        /// The node the certificate names.
+        found: String,
+    },
+}
+
+// rustls renders the cause of a refused certificate with `Debug`: make that the message.
+impl std::fmt::Debug for IdentityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// A node name that is not 1..63 of `[a-z0-9-]` without a leading or trailing `-`.
@@ -92,14 +132,6 @@ pub enum CsrError {
     /// The CSR asks for CA powers (basic constraints CA, keyCertSign/cRLSign, name constraints).
     #[error("CSR requests CA capabilities: {0}")]
     CaRequested(&'static str),
-    /// An extra SAN is neither an IP address nor a valid DNS name.
-    #[error("invalid subject alternative name {name:?}: {reason}")]
-    InvalidSan {
-        /// The name as given.
-        name: String,
-        /// Why it was refused.
-        reason: &'static str,
-    },
     /// Signing the certificate failed.
     #[error("certificate signing failed: {0}")]
     Sign(String),

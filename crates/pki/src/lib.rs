@@ -8,7 +8,6 @@ mod agent;
 mod ca;
 mod error;
 mod fingerprint;
-mod fsutil;
 mod names;
 mod pem;
 mod server;
@@ -17,13 +16,20 @@ mod verify;
 
 pub use agent::{AGENT_CERT_VALIDITY, MAX_CSR_PEM_BYTES, SignedAgentCert, generate_agent_key_and_csr};
 pub use ca::{CA_COMMON_NAME, CA_VALIDITY, ClusterCa};
-pub use error::{CsrError, FingerprintError, NodeNameError, PkiError, VerifyError};
+pub use error::{CsrError, FingerprintError, IdentityError, NodeNameError, PkiError, VerifyError};
 pub use fingerprint::{format_fingerprint, parse_fingerprint, sha256, to_hex};
-pub use fsutil::{ensure_dir, write_file_atomic};
-pub use names::{AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, agent_common_name, agent_dns_name, validate_node_name};
+pub use names::{
+    AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, CP_IDENTITY_URI, agent_common_name, agent_dns_name, validate_node_name,
+};
+pub use otherix_files::{ensure_dir, write_file_atomic};
 pub use server::{
     CP_CERT_FILE, CP_COMMON_NAME, CP_KEY_FILE, CachedServerCert, IssuedCert, REISSUE_BEFORE_EXPIRY,
     default_server_sans, load_or_issue_server_cert,
 };
-pub use tls::{client_config_mtls, peer_identity, ring_provider, server_config_mtls};
-pub use verify::{CertInfo, cert_identity, cert_identity_der, cert_info, key_matches_cert, verify_chain};
+pub use tls::{
+    agent_server_config, client_config_mtls, client_config_to_agent, control_plane_verifier, node_server_verifier,
+    peer_identity, ring_provider, server_config_mtls,
+};
+pub use verify::{
+    CertInfo, cert_identity, cert_identity_der, cert_info, is_control_plane_cert_der, key_matches_cert, verify_chain,
+};

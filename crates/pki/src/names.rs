@@ -11,6 +11,11 @@ pub const AGENT_DNS_SUFFIX: &str = "agents.otherix.local";
 /// CN and SAN prefix of agent certificates.
 pub const AGENT_CN_PREFIX: &str = "node-";
 
+/// The URI SAN that marks a control-plane replica certificate. Only the control plane issues
+/// it to itself (agent CSRs never choose their SANs), so an agent that requires it can tell a
+/// replica from a node whatever names either certificate carries.
+pub const CP_IDENTITY_URI: &str = "spiffe://otherix.local/control-plane";
+
 /// Checks a node name: 1..63 of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn validate_node_name(name: &str) -> Result<(), NodeNameError> {
     let err = |reason| Err(NodeNameError { name: name.chars().take(80).collect(), reason });
@@ -44,13 +49,15 @@ pub fn agent_dns_name(node_name: &str) -> String {
 pub(crate) enum San {
     Ip(IpAddr),
     Dns(String),
+    /// A URI; only ever set by the CA itself ([`CP_IDENTITY_URI`]), never parsed from input.
+    Uri(String),
 }
 
 impl fmt::Display for San {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             San::Ip(ip) => write!(f, "{ip}"),
-            San::Dns(d) => f.write_str(d),
+            San::Dns(d) | San::Uri(d) => f.write_str(d),
         }
     }
 }
@@ -75,6 +82,7 @@ impl San {
         Ok(match self {
             San::Ip(ip) => rcgen::SanType::IpAddress(*ip),
             San::Dns(d) => rcgen::SanType::DnsName(d.clone().try_into().map_err(|_| "not an IA5 (ASCII) string")?),
+            San::Uri(u) => rcgen::SanType::URI(u.clone().try_into().map_err(|_| "not an IA5 (ASCII) string")?),
         })
     }
 }

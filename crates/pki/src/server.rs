@@ -9,9 +9,10 @@ use time::OffsetDateTime;
 
 use crate::ca::{BACKDATE, ClusterCa, LeafSpec, add_validity, now_utc};
 use crate::error::PkiError;
-use crate::fsutil::{ensure_dir, write_file_atomic};
-use crate::names::{San, parse_sans};
-use crate::verify::{cert_info, key_matches_cert, verify_chain};
+use crate::names::{CP_IDENTITY_URI, San, parse_sans};
+use crate::pem::first_cert_from_pem;
+use crate::verify::{cert_info, is_control_plane_cert_der, key_matches_cert, verify_chain};
+use otherix_files::{ensure_dir, write_file_atomic};
 
 /// Common name of control-plane replica certificates.
 pub const CP_COMMON_NAME: &str = "otherix-cp-replica";
@@ -98,7 +99,8 @@ fn invalid_san((name, reason): (String, &'static str)) -> PkiError {
 
 impl ClusterCa {
     /// Issues a replica server cert: new ECDSA P-384 key, CN `otherix-cp-replica`,
-    /// EKU serverAuth + clientAuth, SANs as IPs or DNS names (invalid names refused).
+    /// EKU serverAuth + clientAuth, SANs as IPs or DNS names (invalid names refused), plus the
+    /// control-plane identity URI SAN ([`crate::CP_IDENTITY_URI`]) that agents require.
     pub fn issue_server_cert(&self, sans: &[String], validity: Duration) -> Result<IssuedCert, PkiError> {
         let now = now_utc();
         self.issue_server_cert_between(sans, now - BACKDATE, add_validity(now, validity))
@@ -110,17 +112,17 @@ impl ClusterCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, PkiError> {
-        let sans = parse_sans(sans).map_err(invalid_san)?;
+        let mut sans = parse_sans(sans).map_err(invalid_san)?;
         if sans.is_empty() {
             return Err(PkiError::InvalidSan {
                 name: String::new(),
                 reason: "a server certificate needs at least one SAN",
             });
         }
+        sans.push(San::Uri(CP_IDENTITY_URI.to_string()));
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| PkiError::KeyGen(e.to_string()))?;
-        let leaf = self
-            .issue_leaf(&key, &LeafSpec { common_name: CP_COMMON_NAME.to_string(), sans, not_before, not_after })
-            .map_err(PkiError::Sign)?;
+        let spec = LeafSpec { common_name: CP_COMMON_NAME.to_string(), sans, server_auth: true, not_before, not_after };
+        let leaf = self.issue_leaf(&key, &spec).map_err(PkiError::Sign)?;
         Ok(IssuedCert {
             cert_pem: leaf.cert_pem,
             key_pem: key.serialize_pem(),
@@ -151,6 +153,11 @@ fn reuse_problem(ca: &ClusterCa, cert_pem: &str, key_pem: &str, wanted: &[San]) 
     let Ok(info) = cert_info(cert_pem) else {
         return Some("unparseable certificate");
     };
+    // Certificates from before the control-plane identity existed are replaced, or agents
+    // (which require it) would refuse this replica.
+    if !first_cert_from_pem(cert_pem).is_ok_and(|der| is_control_plane_cert_der(&der)) {
+        return Some("lacks the control-plane identity");
+    }
     let have: Vec<San> = info.sans.iter().filter_map(|s| San::parse(s).ok()).collect();
     if wanted.iter().any(|w| !have.contains(w)) {
         return Some("does not cover every wanted SAN");
@@ -162,8 +169,8 @@ fn reuse_problem(ca: &ClusterCa, cert_pem: &str, key_pem: &str, wanted: &[San]) 
     None
 }
 
-/// Reuses `cp-cert.crt`/`cp-cert.key` in `dir` when the cert chains to `ca`, covers every SAN
-/// in `sans` and has more than 30 days left; otherwise issues a new one and writes both
+/// Reuses `cp-cert.crt`/`cp-cert.key` in `dir` when the cert chains to `ca`, carries the
+/// control-plane identity, covers every SAN in `sans` and has more than 30 days left; otherwise issues a new one and writes both
 /// atomically (key 0600, dir 0700).
 pub fn load_or_issue_server_cert(
     dir: &Path,
@@ -249,6 +256,8 @@ mod tests {
         let eku = x.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert_eq!(crate::cert_identity(&c.cert_pem), None);
+        assert_eq!(info.uris, [CP_IDENTITY_URI]);
+        assert!(is_control_plane_cert_der(&der));
 
         for bad in ["bad name", "-x.com", "a..b", ""] {
             assert!(
@@ -320,6 +329,29 @@ mod tests {
         assert!(!load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
         std::fs::remove_file(dir.join(CP_KEY_FILE)).unwrap();
         assert!(!load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
+        // A replica cert from before the control-plane identity (same CA, SANs, long life):
+        // reissued, and the new one carries the identity.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let now = now_utc();
+        let spec = LeafSpec {
+            common_name: CP_COMMON_NAME.to_string(),
+            sans: parse_sans(&more).unwrap(),
+            server_auth: true,
+            not_before: now - BACKDATE,
+            not_after: now + time::Duration::days(300),
+        };
+        let legacy = ca.issue_leaf(&key, &spec).unwrap();
+        write_file_atomic(&dir.join(CP_CERT_FILE), legacy.cert_pem.as_bytes(), 0o644).unwrap();
+        write_file_atomic(&dir.join(CP_KEY_FILE), key.serialize_pem().as_bytes(), 0o600).unwrap();
+        assert_eq!(
+            reuse_problem(&ca, &legacy.cert_pem, &key.serialize_pem(), &parse_sans(&more).unwrap()),
+            Some("lacks the control-plane identity")
+        );
+        let renewed = load_or_issue_server_cert(&dir, &ca, &more, year).unwrap();
+        assert!(!renewed.reused);
+        assert_eq!(cert_info(&renewed.cert.cert_pem).unwrap().uris, [CP_IDENTITY_URI]);
+        assert!(load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
+
         // No temp files left behind.
         let mut names: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();

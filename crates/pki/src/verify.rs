@@ -9,8 +9,9 @@ use x509_parser::time::ASN1Time;
 
 use crate::error::{PkiError, VerifyError};
 use crate::fingerprint::{sha256, to_hex};
-use crate::names::{AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, validate_node_name};
+use crate::names::{AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, CP_IDENTITY_URI, validate_node_name};
 use crate::pem::{asn1_to_system, first_cert_from_pem, key_from_pem, parse_x509, serial_hex};
+use crate::server::CP_COMMON_NAME;
 
 /// Checks that `leaf_pem` (its first certificate) is signed by the CA in `ca_pem` and that
 /// both are within their validity period now.
@@ -44,7 +45,8 @@ pub(crate) fn verify_chain_der_at(leaf_der: &[u8], ca_der: &[u8], now: ASN1Time)
 }
 
 /// The node name of an agent certificate (`CN=node-<name>` and/or SAN
-/// `node-<name>.agents.otherix.local`), or `None` when it names no node or names disagree.
+/// `node-<name>.agents.otherix.local`), or `None` when it names no node, names disagree, or
+/// it also carries the control-plane identity (a certificate is one or the other).
 /// Does not verify the chain: use it on certificates a verifier has already accepted.
 pub fn cert_identity(cert_pem: &str) -> Option<String> {
     let der = first_cert_from_pem(cert_pem).ok()?;
@@ -69,7 +71,48 @@ fn node_from_dns(dns: &str) -> Option<String> {
     Some(host.to_string())
 }
 
+/// The URI SANs of a certificate; `None` when the extension does not parse.
+fn uri_sans(cert: &X509Certificate<'_>) -> Option<Vec<String>> {
+    let ext = cert.subject_alternative_name().ok()?;
+    Some(
+        ext.map(|e| {
+            e.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default(),
+    )
+}
+
+/// Whether a certificate (DER) carries the control-plane identity: the URI SAN
+/// [`CP_IDENTITY_URI`], `CN=otherix-cp-replica`, the serverAuth and clientAuth purposes, not
+/// a CA, and no node name. Does not verify the chain: the verifiers of this crate do both.
+pub fn is_control_plane_cert_der(der: &[u8]) -> bool {
+    let Ok(cert) = parse_x509(der) else { return false };
+    is_control_plane(&cert)
+}
+
+pub(crate) fn is_control_plane(cert: &X509Certificate<'_>) -> bool {
+    if cert.is_ca() || identity_of(cert).is_some() {
+        return false;
+    }
+    if !uri_sans(cert).is_some_and(|u| u.iter().any(|u| u == CP_IDENTITY_URI)) {
+        return false;
+    }
+    let cn_ok = cert.subject().iter_common_name().map(|c| c.as_str().ok()).eq([Some(CP_COMMON_NAME)]);
+    let eku_ok = matches!(cert.extended_key_usage(), Ok(Some(e)) if e.value.server_auth && e.value.client_auth);
+    cn_ok && eku_ok
+}
+
 fn identity_of(cert: &X509Certificate<'_>) -> Option<String> {
+    if uri_sans(cert)?.iter().any(|u| u == CP_IDENTITY_URI) {
+        return None;
+    }
     let cns: Vec<&str> = cert.subject().iter_common_name().map(|c| c.as_str().ok()).collect::<Option<Vec<_>>>()?;
     if cns.len() > 1 {
         return None;
@@ -116,6 +159,8 @@ pub struct CertInfo {
     pub subject: String,
     /// DNS and IP subject alternative names, in certificate order.
     pub sans: Vec<String>,
+    /// URI subject alternative names (the control-plane identity), in certificate order.
+    pub uris: Vec<String>,
     /// Serial number, lower-case hex.
     pub serial_hex: String,
     /// sha256 of the certificate DER, lower-case hex.
@@ -146,10 +191,12 @@ pub fn cert_info(cert_pem: &str) -> Result<CertInfo, PkiError> {
         Ok(None) => Vec::new(),
         Err(e) => return Err(PkiError::Certificate(e.to_string())),
     };
+    let uris = uri_sans(&cert).unwrap_or_default();
     Ok(CertInfo {
         common_name: cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).map(str::to_string),
         subject: cert.subject().to_string(),
         sans,
+        uris,
         serial_hex: serial_hex(cert.raw_serial()),
         fingerprint_sha256: to_hex(&sha256(&der)),
         not_before: asn1_to_system(cert.validity().not_before),
@@ -193,6 +240,7 @@ mod tests {
             let spec = crate::ca::LeafSpec {
                 common_name: cn.to_string(),
                 sans: sans.iter().map(|s| crate::names::San::parse(s).unwrap()).collect(),
+                server_auth: true,
                 not_before: now,
                 not_after: now + time::Duration::hours(1),
             };
@@ -211,6 +259,33 @@ mod tests {
         assert_eq!(id("node-A", &[]), None);
         assert_eq!(id("x", &["node-a.agents.otherix.local.evil.com"]), None);
         assert_eq!(id("x", &["evil-node-a.agents.otherix.local"]), None);
+
+        // A node name next to the control-plane identity: neither a node nor the control plane.
+        let spec = crate::ca::LeafSpec {
+            common_name: "node-a".into(),
+            sans: vec![
+                crate::names::San::parse("node-a.agents.otherix.local").unwrap(),
+                crate::names::San::Uri(CP_IDENTITY_URI.into()),
+            ],
+            server_auth: true,
+            not_before: now,
+            not_after: now + time::Duration::hours(1),
+        };
+        let both = ca.issue_leaf(&key, &spec).unwrap().cert_pem;
+        assert_eq!(cert_identity(&both), None);
+        assert!(!is_control_plane_cert_der(&first_cert_from_pem(&both).unwrap()));
+        // The control-plane identity on a leaf without serverAuth: not the control plane.
+        let spec = crate::ca::LeafSpec {
+            common_name: CP_COMMON_NAME.into(),
+            sans: vec![crate::names::San::Uri(CP_IDENTITY_URI.into())],
+            server_auth: false,
+            not_before: now,
+            not_after: now + time::Duration::hours(1),
+        };
+        let client_only = ca.issue_leaf(&key, &spec).unwrap().cert_pem;
+        assert!(!is_control_plane_cert_der(&first_cert_from_pem(&client_only).unwrap()));
+        // The CA itself is not the control plane.
+        assert!(!is_control_plane_cert_der(ca.cert_der()));
     }
 
     #[test]

@@ -243,7 +243,7 @@ async fn only_enrolled_agents_reach_the_heartbeat() {
     // A certificate from another CA: the handshake fails.
     let other = otherix_pki::ClusterCa::generate().unwrap();
     let (key, csr) = otherix_pki::generate_agent_key_and_csr("node-a").unwrap();
-    let foreign = other.sign_agent_csr(&csr, "node-a", &[], Duration::from_secs(3600)).unwrap();
+    let foreign = other.sign_agent_csr(&csr, "node-a", Duration::from_secs(3600)).unwrap();
     let impostor = Agent { name: "node-a".into(), key, cert: foreign.cert_pem };
     assert!(beat(&h, &ca, &impostor).await.is_err());
 

@@ -41,6 +41,12 @@ pub struct State {
     pub interval_secs: AtomicU32,
     /// Identities refused with `unauthenticated` (a revoked cert).
     pub revoked: Mutex<Vec<String>>,
+    /// Identities refused as deleted nodes (`unauthenticated`, reason `node_deleted`).
+    pub deleted: Mutex<Vec<String>>,
+    /// Heartbeat streams refused (revoked or deleted).
+    pub refusals: AtomicUsize,
+    /// TLS handshakes that failed on this server's side.
+    pub handshake_failures: AtomicUsize,
 }
 
 impl State {
@@ -77,7 +83,7 @@ impl EnrolmentService for Svc {
         let name = self.state.join_cert_name.lock().unwrap().clone().unwrap_or(req.node_name);
         let signed = self
             .ca
-            .sign_agent_csr(&req.csr_pem, &name, &[], Duration::from_secs(3600))
+            .sign_agent_csr(&req.csr_pem, &name, Duration::from_secs(3600))
             .map_err(|e| ApiError::new(ErrorCode::ValidationFailed, e.to_string()).to_status())?;
         self.state.joins.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(JoinResponse {
@@ -100,7 +106,14 @@ impl HeartbeatService for Svc {
         let identity = otherix_pki::peer_identity(certs.as_deref().map(|c| c.as_slice()))
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "a client certificate is required").to_status())?;
         if self.state.revoked.lock().unwrap().contains(&identity) {
+            self.state.refusals.fetch_add(1, Ordering::SeqCst);
             return Err(ApiError::new(ErrorCode::Unauthenticated, "certificate revoked").to_status());
+        }
+        if self.state.deleted.lock().unwrap().contains(&identity) {
+            self.state.refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(ApiError::new(ErrorCode::Unauthenticated, format!("node {identity:?} was deleted"))
+                .with_detail("reason", "node_deleted")
+                .to_status());
         }
         self.state.streams.fetch_add(1, Ordering::SeqCst);
         let mut inbound = req.into_inner();
@@ -148,7 +161,23 @@ impl TestCp {
     pub fn start_with(ca: Arc<ClusterCa>, state: Arc<State>, addr: Option<SocketAddr>, sans: &[&str]) -> TestCp {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let cert = ca.issue_server_cert(&sans, Duration::from_secs(3600)).unwrap();
-        let tls = otherix_pki::server_config_mtls(&cert.cert_pem, &cert.key_pem, ca.cert_pem(), false).unwrap();
+        Self::start_serving(ca, state, addr, &cert.cert_pem, &cert.key_pem)
+    }
+
+    /// A server for `ca` presenting `cert_pem`/`key_pem` (e.g. a node certificate, for an
+    /// impostor) on an ephemeral port.
+    pub fn start_impostor(ca: Arc<ClusterCa>, cert_pem: &str, key_pem: &str) -> TestCp {
+        Self::start_serving(ca, Arc::new(State::default()), None, cert_pem, key_pem)
+    }
+
+    fn start_serving(
+        ca: Arc<ClusterCa>,
+        state: Arc<State>,
+        addr: Option<SocketAddr>,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> TestCp {
+        let tls = otherix_pki::server_config_mtls(cert_pem, key_pem, ca.cert_pem(), false).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let std_listener = {
             let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
@@ -170,6 +199,7 @@ impl TestCp {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc_ca = ca.clone();
         let svc_state = state.clone();
+        let tls_state = state.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
@@ -180,9 +210,15 @@ impl TestCp {
                         let Ok((tcp, _)) = listener.accept().await else { continue };
                         let acceptor = acceptor.clone();
                         let conn_tx = conn_tx.clone();
+                        let tls_state = tls_state.clone();
                         tokio::spawn(async move {
-                            if let Ok(tls) = acceptor.accept(tcp).await {
-                                let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            match acceptor.accept(tcp).await {
+                                Ok(tls) => {
+                                    let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                                }
+                                Err(_) => {
+                                    tls_state.handshake_failures.fetch_add(1, Ordering::SeqCst);
+                                }
                             }
                         });
                     }
@@ -228,6 +264,30 @@ impl Drop for TestCp {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A node certificate as the control plane issued them before node certificates named the
+/// node only: serverAuth and clientAuth, and the joining agent's advertised host as extra SANs
+/// (here `localhost`, `127.0.0.1` and a wildcard). Signed with the CA's key directly.
+pub fn legacy_node_cert(ca: &ClusterCa, node: &str) -> (String, String) {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let (ca_cert, ca_key) = ca.to_pem();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key).unwrap()).unwrap();
+    let mut params = CertificateParams::new(vec![
+        format!("node-{node}.agents.otherix.local"),
+        "localhost".to_string(),
+        "*.agents.otherix.local".to_string(),
+        "127.0.0.1".to_string(),
+    ])
+    .unwrap();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("node-{node}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
 }
 
 /// Polls `f` until it returns `Some` or `limit` passes.

@@ -46,6 +46,23 @@ fn refused(code: ErrorCode, message: &str) -> ApiError {
     ApiError::new(code, message)
 }
 
+/// Checks the advertised endpoint's shape (`host:port`, or empty). It is only recorded:
+/// the control plane dials it and then checks the node's identity, not this name.
+fn check_advertised_endpoint(endpoint: &str) -> Result<(), ApiError> {
+    if endpoint.is_empty() {
+        return Ok(());
+    }
+    let bad = || ApiError::invalid_field("advertised_endpoint", "advertised_endpoint is host:port");
+    if endpoint.len() > 261 || !endpoint.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl EnrolmentService for EnrolmentServiceImpl {
     #[tracing::instrument(skip_all)]
@@ -66,18 +83,7 @@ impl EnrolmentService for EnrolmentServiceImpl {
         if !matches!(r.architecture.as_str(), "amd64" | "arm64") {
             return Err(ApiError::invalid_field("architecture", "architecture must be amd64 or arm64").into());
         }
-        let endpoint_host = if r.advertised_endpoint.is_empty() {
-            None
-        } else {
-            let (host, port) = r
-                .advertised_endpoint
-                .rsplit_once(':')
-                .ok_or_else(|| ApiError::invalid_field("advertised_endpoint", "advertised_endpoint is host:port"))?;
-            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-                return Err(ApiError::invalid_field("advertised_endpoint", "advertised_endpoint is host:port").into());
-            }
-            Some(host.trim_start_matches('[').trim_end_matches(']').to_owned())
-        };
+        check_advertised_endpoint(&r.advertised_endpoint)?;
         let invalid = || refused(ErrorCode::TokenInvalid, "the join token is not valid");
         if !otherix_auth::token::well_formed(&r.token, JOIN_TOKEN_PREFIX) {
             return Err(invalid().into());
@@ -125,10 +131,11 @@ impl EnrolmentService for EnrolmentServiceImpl {
                 )
                 .into());
             }
-            let extra: Vec<String> = endpoint_host.iter().cloned().collect();
+            // The certificate names the node only; the advertised endpoint is recorded below,
+            // never certified (docs/nodes.md, "Node certificates").
             let signed = hub
                 .ca
-                .sign_agent_csr(&r.csr_pem, &r.node_name, &extra, otherix_pki::AGENT_CERT_VALIDITY)
+                .sign_agent_csr(&r.csr_pem, &r.node_name, otherix_pki::AGENT_CERT_VALIDITY)
                 .map_err(|e| ApiError::invalid_field("csr_pem", e.to_string()))?;
             let now = now_ts();
             let mut node = existing.as_ref().and_then(|n| n.value.node.clone()).unwrap_or_else(|| Node {
