@@ -8,6 +8,7 @@
 //! RFC 3339 with `Z`, and 64-bit integers as JSON numbers.
 
 use otherix_proto_json as json;
+pub mod cors;
 pub mod drain;
 pub mod template;
 
@@ -43,6 +44,22 @@ pub enum GatewayError {
         method: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A literal path segment of one route can be captured by a variable of
+    /// another, so a resource named like the literal would be unreachable.
+    #[error(
+        "route collision: {literal:?} in {literal_route} can be captured by {{{field}}} in {variable_route}; \
+         reserve it on the field with (otherix.v1.reserved_segments) and refuse it as a name, or move a route"
+    )]
+    Collision {
+        /// The route with the literal segment.
+        literal_route: String,
+        /// The literal.
+        literal: String,
+        /// The route with the variable.
+        variable_route: String,
+        /// The variable's field path (empty for a bare `*`).
+        field: String,
     },
     /// A path template is malformed.
     #[error("{method}: {source}")]
@@ -165,7 +182,44 @@ pub fn routes_from_pool(pool: &DescriptorPool, package_prefix: &str) -> Result<V
             add_rule(&mut routes, &method, &rule, true)?;
         }
     }
+    check_collisions(pool, &routes)?;
     Ok(routes)
+}
+
+/// Refuses a route table where a literal segment of one route could be taken
+/// by a variable of another (`/v1/nodes/join-tokens` against
+/// `/v1/nodes/{name}`), unless the variable's field lists the literal in its
+/// `otherix.v1.reserved_segments` option, meaning no resource may take that name.
+pub fn check_collisions(pool: &DescriptorPool, routes: &[Route]) -> Result<(), GatewayError> {
+    let reserved_ext = pool.get_extension_by_name("otherix.v1.reserved_segments");
+    let reserved = |route: &Route, field: &str, literal: &str| -> bool {
+        let (Some(ext), Some(f)) = (&reserved_ext, resolve_path(&route.method.input(), field)) else {
+            return false;
+        };
+        let opts = f.options();
+        if !opts.has_extension(ext) {
+            return false;
+        }
+        match opts.get_extension(ext).as_ref() {
+            Value::List(items) => items.iter().any(|v| v.as_str() == Some(literal)),
+            _ => false,
+        }
+    };
+    for a in routes {
+        for b in routes {
+            for (literal, field) in a.template.captured_literals(&b.template) {
+                if field.is_empty() || !reserved(b, field, literal) {
+                    return Err(GatewayError::Collision {
+                        literal_route: format!("{} {}", a.http_method, a.template.as_str()),
+                        literal: literal.to_owned(),
+                        variable_route: format!("{} {}", b.http_method, b.template.as_str()),
+                        field: field.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn add_rule(

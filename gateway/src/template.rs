@@ -118,6 +118,56 @@ impl PathTemplate {
         self.vars.iter().map(|v| v.field.as_str())
     }
 
+    /// The segment at `i` as a literal, or the field path of the variable
+    /// capturing it (`Some("")` for a bare `*` or `**` outside any
+    /// variable), or `None` past the end. A trailing `**` covers every
+    /// position from its own on.
+    fn at(&self, i: usize) -> Option<Result<&str, &str>> {
+        let idx = if i < self.segs.len() {
+            i
+        } else if self.segs.last() == Some(&Seg::DoubleStar) {
+            self.segs.len() - 1
+        } else {
+            return None;
+        };
+        let field = self.vars.iter().find(|v| (v.start..v.end).contains(&idx)).map_or("", |v| v.field.as_str());
+        Some(match &self.segs[idx] {
+            Seg::Literal(l) => Ok(l.as_str()),
+            Seg::Star | Seg::DoubleStar => Err(field),
+        })
+    }
+
+    /// Where a path could match both templates with a literal segment of
+    /// `self` taken by a variable of `other`: `(literal, other's field)` for
+    /// each such position. Empty when no path matches both.
+    pub fn captured_literals<'a>(&'a self, other: &'a PathTemplate) -> Vec<(&'a str, &'a str)> {
+        if self.verb != other.verb {
+            return Vec::new();
+        }
+        let open = |t: &PathTemplate| t.segs.last() == Some(&Seg::DoubleStar);
+        let (la, lb) = (self.segs.len(), other.segs.len());
+        // Without `**` both must have the same length; with one, the other
+        // must reach at least up to it.
+        let ok_len = match (open(self), open(other)) {
+            (false, false) => la == lb,
+            (true, false) => lb >= la,
+            (false, true) => la >= lb,
+            (true, true) => true,
+        };
+        if !ok_len {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for i in 0..la.max(lb) {
+            match (self.at(i), other.at(i)) {
+                (Some(Ok(a)), Some(Ok(b))) if a != b => return Vec::new(),
+                (Some(Ok(a)), Some(Err(field))) => out.push((a, field)),
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// How many literal segments it has: more literals win over variables
     /// when two templates match (`/v1/users/me` before `/v1/users/{id}`).
     pub fn specificity(&self) -> usize {

@@ -14,16 +14,21 @@ use prost_reflect::{DescriptorPool, DynamicMessage, Value};
 use serde_json::{Value as Json, json};
 
 fn pool() -> DescriptorPool {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conf.bin");
+    let here = env!("CARGO_MANIFEST_DIR");
+    compile(&format!("{here}/tests"), "conformance.proto")
+}
+
+fn compile(dir: &str, file: &str) -> DescriptorPool {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("conf.bin");
     let here = env!("CARGO_MANIFEST_DIR");
     let status = std::process::Command::new("protoc")
-        .arg(format!("-I{here}/tests"))
+        .arg(format!("-I{dir}"))
         .arg(format!("-I{here}/../proto"))
         .arg("--include_imports")
         .arg(format!("--descriptor_set_out={}", out.display()))
-        .arg("conformance.proto")
-        .current_dir(format!("{here}/tests"))
+        .arg(file)
+        .current_dir(dir)
         .status()
         .expect("protoc runs (install protobuf-compiler and libprotobuf-dev)");
     assert!(status.success());
@@ -426,6 +431,42 @@ async fn authentication_comes_before_validation() {
     let v: Json = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["details"], json!({}));
     assert_eq!(deny.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A contract with two routes where `/v1/boxes/special` is also a
+/// `/v1/boxes/{name}`, with and without the reservation.
+fn collision_pool(reserve: bool) -> DescriptorPool {
+    let dir = tempfile::tempdir().unwrap();
+    let opt = if reserve { r#" [(otherix.v1.reserved_segments) = "special"]"# } else { "" };
+    let text = format!(
+        r#"syntax = "proto3";
+package col.v1;
+import "google/api/annotations.proto";
+import "otherix/v1/routing.proto";
+message Box {{ string name = 1{opt}; }}
+service Boxes {{
+  rpc Special(Box) returns (Box) {{ option (google.api.http) = {{post: "/v1/boxes/special" body: "*"}}; }}
+  rpc Delete(Box) returns (Box) {{ option (google.api.http) = {{delete: "/v1/boxes/{{name}}"}}; }}
+}}
+"#
+    );
+    std::fs::write(dir.path().join("col.proto"), text).unwrap();
+    compile(dir.path().to_str().unwrap(), "col.proto")
+}
+
+#[test]
+fn colliding_routes_are_refused_unless_reserved() {
+    let err = routes_from_pool(&collision_pool(false), "col.").unwrap_err();
+    match &err {
+        otherix_gateway::GatewayError::Collision { literal, literal_route, variable_route, field } => {
+            assert_eq!(literal, "special");
+            assert_eq!(literal_route, "POST /v1/boxes/special");
+            assert_eq!(variable_route, "DELETE /v1/boxes/{name}");
+            assert_eq!(field, "name");
+        }
+        other => panic!("not a collision: {other}"),
+    }
+    assert_eq!(routes_from_pool(&collision_pool(true), "col.").unwrap().len(), 2);
 }
 
 #[tokio::test]

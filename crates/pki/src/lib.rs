@@ -19,7 +19,8 @@ pub use ca::{CA_COMMON_NAME, CA_VALIDITY, ClusterCa};
 pub use error::{CsrError, FingerprintError, IdentityError, NodeNameError, PkiError, VerifyError};
 pub use fingerprint::{format_fingerprint, parse_fingerprint, sha256, to_hex};
 pub use names::{
-    AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, CP_IDENTITY_URI, agent_common_name, agent_dns_name, validate_node_name,
+    AGENT_CN_PREFIX, AGENT_DNS_SUFFIX, CP_IDENTITY_URI, RESERVED_NODE_NAMES, agent_common_name, agent_dns_name,
+    validate_node_name,
 };
 pub use otherix_files::{ensure_dir, write_file_atomic};
 pub use server::{

@@ -16,11 +16,21 @@ pub const AGENT_CN_PREFIX: &str = "node-";
 /// replica from a node whatever names either certificate carries.
 pub const CP_IDENTITY_URI: &str = "spiffe://otherix.local/control-plane";
 
-/// Checks a node name: 1..63 of `[a-z0-9-]`, not starting or ending with `-`.
+/// Names no node may take: literal segments of REST routes beside
+/// `/v1/nodes/{name}` (`/v1/nodes/join-tokens`, `/v1/nodes/join`). The
+/// contract lists them as `(otherix.v1.reserved_segments)` on the node name
+/// fields, and a test checks both lists agree.
+pub const RESERVED_NODE_NAMES: &[&str] = &["join", "join-tokens"];
+
+/// Checks a node name: 1..63 of `[a-z0-9-]`, not starting or ending with `-`,
+/// and not one of [`RESERVED_NODE_NAMES`].
 pub fn validate_node_name(name: &str) -> Result<(), NodeNameError> {
     let err = |reason| Err(NodeNameError { name: name.chars().take(80).collect(), reason });
     if name.is_empty() {
         return err("must not be empty");
+    }
+    if RESERVED_NODE_NAMES.contains(&name) {
+        return err("is reserved: it is a path segment of the REST API");
     }
     if name.len() > 63 {
         return err("must be at most 63 characters");
@@ -138,7 +148,7 @@ mod tests {
         for ok in ["a", "node-1", "0", "a-b-c", &"x".repeat(63)] {
             assert!(validate_node_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", "a b", &"x".repeat(64), "node\n"] {
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "ä", "a b", &"x".repeat(64), "node\n", "join", "join-tokens"] {
             assert!(validate_node_name(bad).is_err(), "{bad:?}");
         }
     }
