@@ -53,6 +53,10 @@ async fn ca_pem(h: &Harness) -> (String, String) {
 }
 
 async fn join(h: &Harness, ca: &str, token: &str, name: &str) -> Result<Agent, ApiError> {
+    join_advertising(h, ca, token, name, "127.0.0.1:9443").await
+}
+
+async fn join_advertising(h: &Harness, ca: &str, token: &str, name: &str, endpoint: &str) -> Result<Agent, ApiError> {
     let (key, csr) = otherix_pki::generate_agent_key_and_csr(name).unwrap();
     let mut c = EnrolmentServiceClient::new(channel(h, ca, None).await.unwrap());
     let resp = c
@@ -61,7 +65,7 @@ async fn join(h: &Harness, ca: &str, token: &str, name: &str) -> Result<Agent, A
             csr_pem: csr,
             node_name: name.into(),
             architecture: "amd64".into(),
-            advertised_endpoint: "127.0.0.1:9443".into(),
+            advertised_endpoint: endpoint.into(),
         })
         .await
         .map_err(|s| ApiError::from_status(&s))?
@@ -342,4 +346,86 @@ async fn memory_pressure_sets_after_consecutive_reports_and_clears_at_once() {
         (n["pressure"]["memory"]["active"].as_bool(), n["pressure"]["memory"]["consecutive_count"].as_i64()),
         (Some(false), Some(0))
     );
+}
+
+/// A join-token holder who advertises `localhost` or a wildcard gets a certificate that
+/// names its node only; presented by a fake control plane on 127.0.0.1, an agent's client
+/// (the control-plane verifier every agent uses) refuses it for its identity before sending
+/// anything, while the real control plane is still accepted under the same name.
+#[tokio::test]
+async fn hostile_advertised_endpoints_are_recorded_not_certified() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let h = harness().await;
+    let (ca, _) = ca_pem(&h).await;
+    let (_, t) = call(h.http.post(h.url("/v1/nodes/join-tokens")).json(&json!({"max_uses": 5}))).await;
+    let token = t["token"].as_str().unwrap();
+    let victim = join(&h, &ca, token, "victim").await.unwrap();
+    let agent_client = |port: u16| {
+        let tls =
+            ClientTlsConfig::new().domain_name("localhost").identity(Identity::from_pem(&victim.cert, &victim.key));
+        Endpoint::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config_with_verifier(tls, otherix_pki::control_plane_verifier(&ca).unwrap())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+    };
+
+    for (name, endpoint) in [("evil-1", "localhost:18445"), ("evil-2", "*.agents.otherix.local:9443")] {
+        let evil = join_advertising(&h, &ca, token, name, endpoint).await.unwrap();
+        let info = otherix_pki::cert_info(&evil.cert).unwrap();
+        assert_eq!(info.sans, [format!("node-{name}.agents.otherix.local")], "{name}");
+        assert!(info.uris.is_empty(), "{name}");
+        assert_eq!(node_status(&h, name).await["advertised_endpoint"], endpoint);
+
+        // The fake control plane: the real CA, the evil node's certificate, 127.0.0.1.
+        let tls = otherix_pki::server_config_mtls(&evil.cert, &evil.key, &ca, false).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let failures = Arc::new(AtomicUsize::new(0));
+        let seen = failures.clone();
+        let fake = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                if acceptor.accept(tcp).await.is_err() {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let err = agent_client(port).connect().await.unwrap_err();
+        let chain = {
+            let mut s = err.to_string();
+            let mut cur = std::error::Error::source(&err);
+            while let Some(e) = cur {
+                s.push_str(&format!(": {e}"));
+                cur = e.source();
+            }
+            s
+        };
+        assert!(
+            chain.contains(&format!("not the control plane: the certificate of node \"{name}\"")),
+            "{name}: {chain}"
+        );
+        for _ in 0..100 {
+            if failures.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(failures.load(Ordering::SeqCst), 1, "{name}: the handshake was attempted and failed");
+        fake.abort();
+    }
+
+    // The real control plane, dialled by the same name: accepted, and the heartbeat works.
+    let port = h.api.agent_addr().unwrap().port();
+    let ch = agent_client(port).connect().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(report()).await.unwrap();
+    let mut answers = HeartbeatServiceClient::new(ch)
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
 }
