@@ -137,7 +137,7 @@ pub fn render_config(tree: &Value) -> anyhow::Result<String> {
 }
 
 /// Writes the agent config atomically (mode 0600) unless the file exists and `force` is off.
-/// Returns whether it was written.
+/// Returns whether it was written. Blocking.
 pub fn write_agent_config(path: &Path, tree: &Value, force: bool) -> anyhow::Result<bool> {
     let text = render_config(tree)?;
     // What is written must be what `serve` accepts.
@@ -155,7 +155,7 @@ pub fn write_agent_config(path: &Path, tree: &Value, force: bool) -> anyhow::Res
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    otherix_pki::write_file_atomic(path, text.as_bytes(), CONFIG_MODE)
+    otherix_files::write_file_atomic(path, text.as_bytes(), CONFIG_MODE)
         .with_context(|| format!("write the agent config {}", path.display()))?;
     info!(path = %path.display(), "agent config written");
     Ok(true)

@@ -202,15 +202,23 @@ async fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     let (cfg, tree) = bootstrap_config(&config_path, std::env::vars(), &args.into())?;
     let _telemetry = init_logging(&cfg.log)?;
     enrol(&cfg, force).await?;
-    write_agent_config(&config_path, &tree, force)?;
+    tokio::task::spawn_blocking(move || write_agent_config(&config_path, &tree, force))
+        .await
+        .context("write the agent config")??;
     Ok(())
+}
+
+/// [`load_material`] (file reads) on the blocking pool.
+async fn load_material_async(dir: &std::path::Path) -> anyhow::Result<Option<Material>> {
+    let dir = dir.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || load_material(&dir)).await.context("read the cert material")??)
 }
 
 /// The cert material for `serve`: loaded, or bootstrapped first when there is none and a
 /// join token is configured. Partial material is fatal.
 async fn material(cfg: &AgentConfig) -> anyhow::Result<Material> {
     let dir = cfg.cert_dir();
-    if let Some(m) = load_material(&dir)? {
+    if let Some(m) = load_material_async(&dir).await? {
         info!(node = %m.node_name, cert = %m.paths.cert.display(), "agent: using existing cert material");
         return Ok(m);
     }
@@ -222,7 +230,7 @@ async fn material(cfg: &AgentConfig) -> anyhow::Result<Material> {
     }
     info!(cert_dir = %dir.display(), "no cert material yet; bootstrapping first");
     enrol(cfg, false).await?;
-    load_material(&dir)?.with_context(|| format!("no cert material in {} after bootstrap", dir.display()))
+    load_material_async(&dir).await?.with_context(|| format!("no cert material in {} after bootstrap", dir.display()))
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
@@ -292,7 +300,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
         tasks.spawn(server::serve_mtls(service.clone(), listener, tls, stopped()));
     }
     if let Some(path) = &cfg.server.unix_socket {
-        let listener = server::bind_unix(path)?;
+        let listener = server::bind_unix(path).await?;
         tasks.spawn(server::serve_unix(service.clone(), listener, stopped()));
     }
     // After a stop signal, open streams (consoles, followed logs) get a grace period.

@@ -37,6 +37,15 @@ pub enum AgentError {
     /// A request field is missing or invalid.
     #[error("{0}")]
     Validation(String),
+    /// The image URL does not parse.
+    #[error("image url {raw:?} is invalid")]
+    InvalidUrl {
+        /// The URL as given.
+        raw: String,
+        /// Why it does not parse.
+        #[source]
+        source: url::ParseError,
+    },
     /// The image could not be fetched, or its fetch was refused.
     #[error("image download failed: {message}")]
     DownloadFailed {
@@ -140,7 +149,7 @@ impl AgentError {
     /// mapping: the table gives the gRPC and HTTP status.
     pub fn error_code(&self) -> ErrorCode {
         match self {
-            AgentError::Validation(_) => ErrorCode::ValidationFailed,
+            AgentError::Validation(_) | AgentError::InvalidUrl { .. } => ErrorCode::ValidationFailed,
             AgentError::DownloadFailed { .. } => ErrorCode::DownloadFailed,
             AgentError::ChecksumMismatch { .. } => ErrorCode::ChecksumMismatch,
             AgentError::Qcow2HeaderInvalid(_) => ErrorCode::Qcow2HeaderInvalid,

@@ -70,7 +70,7 @@ pub struct ImageUrl {
 /// cache key from its last path segment (percent-decoded, then checked, so
 /// `%2e%2e%2f` cannot escape the cache dir).
 pub fn image_url(raw: &str, allowed: &[String]) -> Result<ImageUrl, AgentError> {
-    let url = url::Url::parse(raw).map_err(|e| AgentError::Validation(format!("image url {raw:?} is invalid: {e}")))?;
+    let url = url::Url::parse(raw).map_err(|source| AgentError::InvalidUrl { raw: raw.to_string(), source })?;
     let scheme = url.scheme();
     if !allowed.iter().any(|a| a == scheme) {
         return Err(AgentError::Validation(format!(
