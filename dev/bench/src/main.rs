@@ -237,7 +237,12 @@ fn main() -> anyhow::Result<()> {
     // HMAC check by itself, and the full check (signature, user, session).
     let (sig_us, full) = load_rt.block_on(async move {
         let store = otherix_store::Store::connect(&[verify_endpoint], Duration::from_secs(5)).await?;
-        let identity = otherix_api::identity::Identity::new(store, &otherix_api::config::AuthConfig::default());
+        let identity = otherix_api::identity::Identity::new(
+            store,
+            &otherix_api::config::AuthConfig::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        identity.ready().await?;
         let keys = identity.signing_keys().await?;
         let n = 20_000;
         let t = Instant::now();

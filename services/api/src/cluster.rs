@@ -13,18 +13,20 @@ use crate::names::is_label;
 use crate::store_error::store_error;
 
 /// The store key of the settings record.
-pub const SETTINGS_KEY: &str = "cluster_settings";
+pub const SETTINGS_KEY: &str = otherix_store::keys::CLUSTER_SETTINGS;
 
-/// Serves ClusterService from the store.
+/// Serves ClusterService: reads from the watch-fed settings cache, writes
+/// through the store.
 #[derive(Debug, Clone)]
 pub struct ClusterSettingsService {
     store: Store,
+    cache: otherix_store::Cache<ClusterSettings>,
 }
 
 impl ClusterSettingsService {
-    /// A service over `store`.
-    pub fn new(store: Store) -> Self {
-        ClusterSettingsService { store }
+    /// A service over `store` and its settings cache.
+    pub fn new(store: Store, cache: otherix_store::Cache<ClusterSettings>) -> Self {
+        ClusterSettingsService { store, cache }
     }
 }
 
@@ -34,9 +36,10 @@ fn now() -> prost_types::Timestamp {
 
 fn view(s: &ClusterSettings) -> Result<DefaultPool, ApiError> {
     if s.default_pool_name.is_empty() {
-        return Err(
-            ApiError::new(ErrorCode::NotFound, "no cluster default pool is set").with_detail("setting", "default_pool")
-        );
+        return Err(ApiError::new(ErrorCode::NotFound, "no cluster default pool is set")
+            .with_detail("kind", "setting")
+            .with_detail("name", "default_pool")
+            .with_detail("setting", "default_pool"));
     }
     Ok(DefaultPool { name: s.default_pool_name.clone(), updated_at: s.default_pool_updated_at })
 }
@@ -45,7 +48,8 @@ fn view(s: &ClusterSettings) -> Result<DefaultPool, ApiError> {
 impl ClusterService for ClusterSettingsService {
     #[tracing::instrument(skip_all)]
     async fn get_default_pool(&self, _req: Request<GetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
-        let current = self.store.get::<ClusterSettings>(SETTINGS_KEY).await.map_err(store_error)?;
+        self.cache.caught_up().await.map_err(store_error)?;
+        let current = self.cache.get(SETTINGS_KEY).map_err(store_error)?;
         Ok(Response::new(view(&current.map(|v| v.value).unwrap_or_default())?))
     }
 

@@ -5,12 +5,14 @@ pub mod access;
 pub mod authz;
 pub mod cluster;
 pub mod config;
+pub mod etcd_access;
 pub mod health;
 pub mod idempotency;
 pub mod identity;
 pub mod names;
 pub mod nodes;
 pub mod rpc;
+pub mod secrets_at_rest;
 pub mod server;
 pub mod store_error;
 
@@ -29,9 +31,12 @@ pub enum StartError {
     /// The embedded etcd member did not start.
     #[error("cannot start the embedded etcd member")]
     Member(#[from] otherix_etcd_member::MemberError),
-    /// The store client could not be created.
-    #[error("cannot connect to etcd")]
+    /// The store could not be reached or used during start-up.
+    #[error("the store failed during start-up")]
     Store(#[from] otherix_store::StoreError),
+    /// The cluster CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] nodes::CaError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -45,17 +50,20 @@ pub enum StartError {
     #[error("server.tls: {0}")]
     Tls(String),
     /// The compiled-in contract is inconsistent (a build defect).
-    #[error("API contract: {0}")]
-    Contract(String),
+    #[error("the compiled-in API contract is inconsistent")]
+    Contract(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     /// The agent listener's certificate could not be made.
-    #[error("agent listener certificate: {0}")]
-    Pki(String),
+    #[error("cannot make the agent listener's certificate")]
+    Pki(#[source] otherix_pki::PkiError),
+    /// The key sealing secrets in etcd is missing, wrong or unusable.
+    #[error("secrets at rest")]
+    Secrets(#[from] secrets_at_rest::SecretsError),
     /// The bootstrap admin could not be created.
-    #[error("bootstrap admin: {0}")]
-    Bootstrap(String),
+    #[error("cannot create the bootstrap admin")]
+    Bootstrap(#[source] otherix_errors::ApiError),
 }
 
 /// What the process environment adds to the config.
@@ -73,7 +81,7 @@ pub struct ApiServer {
     stop: Option<tokio::sync::watch::Sender<bool>>,
     serve: Option<JoinHandle<()>>,
     agent_serve: Option<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
+    supervisor: otherix_supervisor::Supervisor,
     member: Option<Member>,
 }
 
@@ -87,11 +95,7 @@ impl ApiServer {
     pub async fn start_with(config: Config, options: StartOptions) -> Result<ApiServer, StartError> {
         config.validate()?;
         let member = if config.etcd.endpoints.is_empty() { Some(start_member(&config).await?) } else { None };
-        let endpoints = match &member {
-            Some(m) => vec![m.client_url().to_owned()],
-            None => config.etcd.endpoints.clone(),
-        };
-        let store = Store::connect(&endpoints, Duration::from_secs(config.etcd.request_timeout_seconds)).await?;
+        let store = Store::connect_with(&etcd_access::connect_config(&config, member.as_ref())?).await?;
         let tls = match &config.server.tls {
             Some(t) => Some(server::tls_config(&t.cert_file, &t.key_file)?),
             None => None,
@@ -111,16 +115,21 @@ impl ApiServer {
         let serve = tokio::spawn(async move {
             server::serve(listener, app, tls, async move { drop(stopped.wait_for(|s| *s).await) }, grace).await;
         });
+        let supervisor = otherix_supervisor::Supervisor::new();
         let prepared = async {
-            let identity = std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth));
+            // From here on the store seals and opens secrets at rest.
+            let store = secrets_at_rest::open(&config, store.clone()).await?;
+            let identity =
+                std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth, supervisor.token()));
             prepare_identity(&identity, &options).await?;
             let ca = nodes::ensure_ca(&store).await?;
-            let hub = std::sync::Arc::new(nodes::NodeHub::new(
-                store.clone(),
-                ca,
-                config.nodes.clone(),
-                config.storage_pools.default_pool_name.clone(),
-            ));
+            let hub =
+                std::sync::Arc::new(nodes::NodeHub::new(store.clone(), ca, config.nodes.clone(), supervisor.token()));
+            hub.ready().await?;
+            {
+                let hub = hub.clone();
+                supervisor.spawn("replica-lease", move |cancel| nodes::liveness::run_lease(hub.clone(), cancel));
+            }
             let full = server::build_router(&config, store.clone(), identity.clone(), hub.clone()).await?;
             let agent = match config.agent_server.enabled {
                 true => {
@@ -136,6 +145,7 @@ impl ApiServer {
         let (hub, full, agent) = match prepared {
             Ok(v) => v,
             Err(e) => {
+                supervisor.shutdown(Duration::from_secs(1)).await;
                 let _ = stop_tx.send(true);
                 let _ = serve.await;
                 return Err(e);
@@ -143,18 +153,20 @@ impl ApiServer {
         };
         *current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = full;
 
-        let seed = {
+        {
             let store = store.clone();
             let name = config.storage_pools.default_pool_name.clone();
-            tokio::spawn(async move {
-                // An external etcd may not answer yet: keep trying.
-                while let Err(e) = cluster::seed_default_pool(&store, &name).await {
-                    tracing::warn!(error = %e, "cannot seed cluster settings yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        };
-        let background = vec![seed, tokio::spawn(nodes::liveness::run(hub.clone()))];
+            // Seeds the cluster default pool on the first boot only; an
+            // external etcd may not answer yet, so failures restart it.
+            supervisor.spawn("seed-default-pool", move |_| {
+                let (store, name) = (store.clone(), name.clone());
+                async move { Ok(cluster::seed_default_pool(&store, &name).await?) }
+            });
+        }
+        {
+            let hub = hub.clone();
+            supervisor.spawn("node-liveness", move |cancel| nodes::liveness::run(hub.clone(), cancel));
+        }
         let mut agent_addr = None;
         let mut agent_serve = None;
         if let Some((agent_listener, agent_tls, agent_app, bound)) = agent {
@@ -172,7 +184,7 @@ impl ApiServer {
             }));
         }
         tracing::info!(%addr, ?agent_addr, tls = config.server.tls.is_some(), embedded_etcd = member.is_some(), "otherix-api serving");
-        Ok(ApiServer { addr, agent_addr, stop: Some(stop_tx), serve: Some(serve), agent_serve, background, member })
+        Ok(ApiServer { addr, agent_addr, stop: Some(stop_tx), serve: Some(serve), agent_serve, supervisor, member })
     }
 
     /// The bound address.
@@ -198,10 +210,9 @@ impl ApiServer {
         for serve in [self.serve.take(), self.agent_serve.take()].into_iter().flatten() {
             let _ = serve.await;
         }
-        for t in self.background.drain(..) {
-            // The agent listener drains like the user listener; loops just stop.
-            t.abort();
-        }
+        // Background loops end with their tokens (the replica lease is
+        // revoked, so other replicas take this one's nodes at once).
+        self.supervisor.shutdown(Duration::from_secs(5)).await;
         if let Some(m) = self.member.take() {
             m.stop().await;
         }
@@ -224,15 +235,20 @@ async fn prepare_identity(identity: &identity::Identity, options: &StartOptions)
             Err(e) => return Err(e.into()),
         }
     }
+    // The caches list once before anything is served from them.
+    while let Err(e) = identity.ready().await {
+        tracing::warn!(error = %e, "identity caches not in step yet; retrying");
+        tokio::time::sleep(delay).await;
+    }
     if let Some(admin) = &options.bootstrap_admin {
-        identity.bootstrap_admin(admin).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        identity.bootstrap_admin(admin).await.map_err(StartError::Bootstrap)?;
     }
     Ok(())
 }
 
 async fn start_member(config: &Config) -> Result<Member, StartError> {
     let e = &config.etcd;
-    let mut mc = MemberConfig::new(&e.name, &config.etcd_data_dir(), e.client_port, e.peer_port);
+    let mut mc = MemberConfig::unix(&e.name, &config.etcd_data_dir(), &config.etcd_socket_dir());
     mc.binary = e.binary.clone();
     mc.quota_backend_bytes = e.quota_backend_bytes;
     mc.auto_compaction_retention = e.auto_compaction_retention.clone();

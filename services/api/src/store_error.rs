@@ -21,5 +21,48 @@ pub fn store_error(e: StoreError) -> ApiError {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), "undecodable store record");
             ApiError::internal()
         }
+        e @ StoreError::Stale { .. } => {
+            tracing::warn!(error = %e, "cache not in step with the store");
+            ApiError::new(ErrorCode::RequestTimeout, "the store is unavailable; retry shortly")
+        }
+        e @ StoreError::LeaseLost { .. } => {
+            tracing::error!(error = %e, "lease lost");
+            ApiError::internal()
+        }
+        e @ StoreError::Sealed { .. } => {
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "cannot seal or open a secret");
+            ApiError::internal()
+        }
+    }
+}
+
+/// The error of a read-modify-write ([`otherix_store::Store::update`]) whose
+/// change may refuse with an API error.
+#[derive(Debug)]
+pub enum Rmw {
+    /// The store failed.
+    Store(StoreError),
+    /// The change refused.
+    Api(ApiError),
+}
+
+impl From<StoreError> for Rmw {
+    fn from(e: StoreError) -> Self {
+        Rmw::Store(e)
+    }
+}
+
+impl From<ApiError> for Rmw {
+    fn from(e: ApiError) -> Self {
+        Rmw::Api(e)
+    }
+}
+
+impl From<Rmw> for ApiError {
+    fn from(e: Rmw) -> Self {
+        match e {
+            Rmw::Store(e) => store_error(e),
+            Rmw::Api(e) => e,
+        }
     }
 }

@@ -5,10 +5,20 @@
 //! ...) is kept by guard keys written in the same transaction as the record,
 //! so two racing creates cannot both win.
 
+pub mod cache;
+pub mod connect;
+pub mod keys;
+pub mod sealed;
+
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+pub use cache::{Cache, Change};
+pub use connect::{ConnectConfig, Credentials, Target, TlsMaterial};
+pub use sealed::{SealError, Sealer};
 
 /// The prefix under which every Otherix key lives.
 pub const PREFIX: &str = "/otherix/";
@@ -40,6 +50,28 @@ pub enum StoreError {
         #[source]
         source: prost::DecodeError,
     },
+    /// A watch-fed cache lost its watch for longer than its staleness bound
+    /// (or could not reach a revision in time): it refuses to serve old data.
+    #[error("the cache of {prefix} is not in step with the store")]
+    Stale {
+        /// The cached prefix.
+        prefix: String,
+    },
+    /// A lease expired or was revoked while it was still needed.
+    #[error("lease {lease:x} is gone")]
+    LeaseLost {
+        /// The lease id.
+        lease: i64,
+    },
+    /// A secret could not be sealed or opened (see [`sealed`]).
+    #[error("secret at {key}")]
+    Sealed {
+        /// The key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: SealError,
+    },
     /// A read-modify-write kept conflicting.
     #[error("{key}: gave up after {attempts} conflicting attempts")]
     Contended {
@@ -65,6 +97,17 @@ pub struct Versioned<M> {
     pub mod_revision: i64,
 }
 
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<M> {
+    /// The records, in key order, with their keys.
+    pub items: Vec<(String, Versioned<M>)>,
+    /// The key to continue after, when more records follow.
+    pub next: Option<String>,
+    /// How many records the prefix holds in all.
+    pub total: i64,
+}
+
 /// What a conditional write expects to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
@@ -85,6 +128,11 @@ pub struct Health {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// Seals secrets at rest; attached with [`Store::with_sealer`].
+    sealer: Option<std::sync::Arc<Sealer>>,
+    /// The revision of this replica's latest write under each prefix, so its
+    /// caches can read its own writes.
+    marks: std::sync::Arc<keys::WriteMarks>,
 }
 
 impl std::fmt::Debug for Store {
@@ -101,12 +149,15 @@ impl Store {
     /// Connects lazily to the given endpoints: requests fail with
     /// [`StoreError::Unavailable`] until etcd answers.
     pub async fn connect(endpoints: &[String], request_timeout: Duration) -> Result<Store, StoreError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(request_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Store { client })
+        Self::connect_with(&ConnectConfig::urls(endpoints, request_timeout)).await
+    }
+
+    /// Connects as `config` says: a Unix socket, or URLs with optional TLS and
+    /// etcd credentials. Lazy like [`Store::connect`], except that with
+    /// credentials etcd-client authenticates at once.
+    pub async fn connect_with(config: &ConnectConfig) -> Result<Store, StoreError> {
+        let client = connect::client(config).await?;
+        Ok(Store { client, sealer: None, marks: std::sync::Arc::default() })
     }
 
     /// Reads a record.
@@ -186,7 +237,11 @@ impl Store {
     pub async fn commit(&self, batch: Batch) -> Result<i64, StoreError> {
         let resp = self.client.kv_client().txn(Txn::new().when(batch.compares).and_then(batch.ops)).await?;
         if resp.succeeded() {
-            return Ok(resp.header().map(|h| h.revision()).unwrap_or_default());
+            let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            for k in &batch.written {
+                self.marks.note(k, rev);
+            }
+            return Ok(rev);
         }
         // Say which expectation failed: a key that should be absent, first.
         for (k, expect) in &batch.expectations {
@@ -212,7 +267,15 @@ impl Store {
         ops.extend(guards.iter().map(|g| TxnOp::delete(full(g), None)));
         let txn = Txn::new().when([Compare::mod_revision(k, CompareOp::Equal, revision)]).and_then(ops);
         let resp = self.client.kv_client().txn(txn).await?;
-        if resp.succeeded() { Ok(()) } else { Err(StoreError::Conflict { key: key.to_owned() }) }
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict { key: key.to_owned() });
+        }
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        self.marks.note(key, rev);
+        for g in guards {
+            self.marks.note(g, rev);
+        }
+        Ok(())
     }
 
     /// Read-modify-write with compare-and-swap, retried on conflict.
@@ -241,6 +304,138 @@ impl Store {
         Err(StoreError::Contended { key: key.to_owned(), attempts: ATTEMPTS }.into())
     }
 
+    /// Starts a watch-fed cache of `prefix` (see [`Cache`]).
+    pub fn cache<M: Message + Default + Clone + Send + Sync + 'static>(
+        &self,
+        prefix: &str,
+        index: Option<cache::IndexFn<M>>,
+        stale_after: Duration,
+        cancel: CancellationToken,
+    ) -> Cache<M> {
+        Cache::start(self.client.clone(), self.marks.clone(), prefix, index, stale_after, cancel)
+    }
+
+    /// The store's current revision (one cheap read).
+    pub async fn current_revision(&self) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(full(keys::CLUSTER_SETTINGS), Some(GetOptions::new().with_count_only()))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    /// One page of the records under `prefix`: at most `limit` records after
+    /// the key `after` (relative, as returned in [`Page::next`]), and the
+    /// total count, read at one revision.
+    pub async fn list_page<M: Message + Default>(
+        &self,
+        prefix: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<M>, StoreError> {
+        let start = match after {
+            Some(a) => format!("{PREFIX}{a}\0"),
+            None => full(prefix),
+        };
+        let end = prefix_end(&full(prefix));
+        let limit_i = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let page =
+            GetOptions::new().with_range(end.clone()).with_limit(limit_i).with_sort(SortTarget::Key, SortOrder::Ascend);
+        let txn = Txn::new().and_then([
+            TxnOp::get(start, Some(page)),
+            TxnOp::get(full(prefix), Some(GetOptions::new().with_prefix().with_count_only())),
+        ]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        let mut items = Vec::new();
+        let mut total = 0;
+        for (i, r) in resp.op_responses().into_iter().enumerate() {
+            let etcd_client::TxnOpResponse::Get(g) = r else { continue };
+            if i == 0 {
+                for kv in g.kvs() {
+                    let key = String::from_utf8_lossy(kv.key()).trim_start_matches(PREFIX).to_owned();
+                    let value =
+                        M::decode(kv.value()).map_err(|source| StoreError::Decode { key: key.clone(), source })?;
+                    items.push((key, Versioned { value, mod_revision: kv.mod_revision() }));
+                }
+            } else {
+                total = g.count();
+            }
+        }
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next, total })
+    }
+
+    /// Revokes a lease: every key written with it is deleted at once.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.client.lease_client().revoke(lease).await?;
+        Ok(())
+    }
+
+    /// Keeps a lease alive (a renewal every third of `ttl`) until `cancel`
+    /// fires; returns [`StoreError::LeaseLost`] when etcd says it expired.
+    /// Renewals go to the etcd leader and are not raft writes.
+    pub async fn keep_lease_alive(
+        &self,
+        lease: i64,
+        ttl: Duration,
+        cancel: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let (mut keeper, mut answers) = self.client.lease_client().keep_alive(lease).await?;
+        let period = (ttl / 3).max(Duration::from_millis(200));
+        loop {
+            keeper.keep_alive().await?;
+            match answers.message().await? {
+                Some(a) if a.ttl() > 0 => {}
+                _ => return Err(StoreError::LeaseLost { lease }),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Claims `key` for the holder of `lease`: writes `value` only when the
+    /// key is absent (create-if-absent), so exactly one of racing claimants
+    /// wins; the claim vanishes with the lease. Returns whether this call won.
+    pub async fn claim(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool, StoreError> {
+        let k = full(key);
+        let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            k,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        Ok(self.client.kv_client().txn(txn).await?.succeeded())
+    }
+
+    /// Deletes `key` only while it holds `value` (a claim's owner releasing
+    /// it). Returns whether it was deleted.
+    pub async fn release(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let k = full(key);
+        let txn = Txn::new()
+            .when([Compare::value(k.clone(), CompareOp::Equal, value.to_vec())])
+            .and_then([TxnOp::delete(k, None)]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        if resp.succeeded() {
+            self.marks.note(key, resp.header().map(|h| h.revision()).unwrap_or_default());
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// Writes `value` under `key` with a lease, unconditionally.
+    pub async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<i64, StoreError> {
+        let resp = self.client.kv_client().put(full(key), value, Some(PutOptions::new().with_lease(lease))).await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        self.marks.note(key, rev);
+        Ok(rev)
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let resp = self.client.kv_client().get(full(key), Some(GetOptions::new().with_count_only())).await?;
         Ok(resp.count() > 0)
@@ -261,6 +456,19 @@ impl Store {
     }
 }
 
+/// The end of the key range of a prefix (the prefix with its last byte
+/// incremented), as etcd's `--prefix` computes it.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 fn decode_versioned<M: Message + Default>(
     key: &str,
     raw: Option<(Vec<u8>, i64)>,
@@ -279,6 +487,7 @@ pub struct Batch {
     compares: Vec<Compare>,
     ops: Vec<TxnOp>,
     expectations: Vec<(String, Expect)>,
+    written: Vec<String>,
 }
 
 impl Batch {
@@ -306,6 +515,7 @@ impl Batch {
     pub fn put_raw(mut self, key: &str, value: Vec<u8>, expect: Option<Expect>) -> Batch {
         self.expect(key, expect);
         self.ops.push(TxnOp::put(full(key), value, None));
+        self.written.push(key.to_owned());
         self
     }
 
@@ -313,6 +523,7 @@ impl Batch {
     pub fn put_leased(mut self, key: &str, value: Vec<u8>, lease: i64, expect: Option<Expect>) -> Batch {
         self.expect(key, expect);
         self.ops.push(TxnOp::put(full(key), value, Some(etcd_client::PutOptions::new().with_lease(lease))));
+        self.written.push(key.to_owned());
         self
     }
 
@@ -320,6 +531,7 @@ impl Batch {
     pub fn delete(mut self, key: &str, expect: Option<Expect>) -> Batch {
         self.expect(key, expect);
         self.ops.push(TxnOp::delete(full(key), None));
+        self.written.push(key.to_owned());
         self
     }
 

@@ -5,7 +5,7 @@ use otherix_auth::jwt::{self, JwtError};
 use otherix_auth::token::{self, API_TOKEN_PREFIX};
 use otherix_auth::{Role, Scope};
 use otherix_errors::{ApiError, ErrorCode};
-use otherix_proto::otherix::store::v1::{ApiTokenRecord, SessionRecord, UserRecord};
+use otherix_proto::otherix::store::v1::{ApiTokenRecord, UserRecord};
 use otherix_store::Expect;
 
 use super::{Identity, is_past, now_secs, now_ts, role_of};
@@ -57,19 +57,15 @@ fn revoked(message: &str) -> ApiError {
     ApiError::new(ErrorCode::TokenRevoked, message)
 }
 
-/// The store key of an API token.
-pub fn api_token_key(user_id: &str, id: &str) -> String {
-    format!("api_tokens/{user_id}/{id}")
-}
+pub use otherix_store::keys::{api_token as api_token_key, api_token_hash_guard, session as session_key};
 
-/// The guard mapping an API token's hash to `<user_id>/<id>`.
-pub fn api_token_hash_guard(hash: &str) -> String {
-    format!("uniq/api_tokens/hash/{hash}")
-}
-
-/// The store key of a session.
-pub fn session_key(user_id: &str, id: &str) -> String {
-    format!("sessions/{user_id}/{id}")
+/// Whether a credential created at `created` predates the user's
+/// `tokens_valid_after` (a password reset, role change or logout of every
+/// session), compared to the nanosecond.
+fn predates(created: Option<&prost_types::Timestamp>, valid_after: Option<&prost_types::Timestamp>) -> bool {
+    let Some(after) = valid_after else { return false };
+    let Some(created) = created else { return true };
+    (created.seconds, created.nanos) < (after.seconds, after.nanos)
 }
 
 impl Identity {
@@ -83,13 +79,18 @@ impl Identity {
     }
 
     async fn live_user(&self, id: &str) -> Result<UserRecord, ApiError> {
-        self.user_by_id(id).await?.map(|v| v.value).ok_or_else(|| unauthenticated("the token's user no longer exists"))
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(unauthenticated("invalid credentials"));
+        }
+        self.cached_user(id).await?.map(|v| v.value).ok_or_else(|| unauthenticated("the token's user no longer exists"))
     }
 
     async fn authenticate_jwt(&self, token: &str) -> Result<Caller, ApiError> {
         let now = now_secs();
         let mut keys = self.keys.keys(false).await?;
-        // A key minted by a rotation on another replica: reload once.
+        // A key minted a moment ago by a rotation on another replica: catch
+        // up with the store once (these lookups are coalesced, so unknown
+        // key ids cannot flood etcd).
         if jwt::key_id(token).is_some_and(|kid| !keys.iter().any(|k| k.id == kid)) {
             keys = self.keys.keys(true).await?;
         }
@@ -102,15 +103,18 @@ impl Identity {
         if uuid::Uuid::parse_str(&claims.sub).is_err() {
             return Err(unauthenticated("invalid access token"));
         }
-        // The user and the session in one round trip.
-        let (user, session) = self
-            .store
-            .get_two::<UserRecord, SessionRecord>(&super::user_key(&claims.sub), &session_key(&claims.sub, &claims.sid))
-            .await
-            .map_err(store_error)?;
-        let user = user.map(|v| v.value).ok_or_else(|| unauthenticated("the token's user no longer exists"))?;
+        // The user and the session from memory.
+        let user = self.live_user(&claims.sub).await?;
         if user.tokens_valid_after.is_some_and(|t| claims.iat < t.seconds) {
             return Err(revoked("the session was logged out"));
+        }
+        self.sessions.caught_up().await.map_err(store_error)?;
+        let key = session_key(&claims.sub, &claims.sid);
+        let mut session = self.sessions.get(&key).map_err(store_error)?;
+        if session.is_none() {
+            // Logged in a moment ago on another replica.
+            self.sessions.sync().await.map_err(store_error)?;
+            session = self.sessions.get(&key).map_err(store_error)?;
         }
         match session {
             Some(s) if s.value.revoked_at.is_none() => {}
@@ -130,15 +134,16 @@ impl Identity {
             return Err(unauthenticated("invalid API token"));
         }
         let hash = token::hash(plaintext);
-        let Some(loc) = self.store.get_raw(&api_token_hash_guard(&hash)).await.map_err(store_error)? else {
-            return Err(unauthenticated("invalid API token"));
-        };
-        let loc = String::from_utf8_lossy(&loc).into_owned();
-        let Some((user_id, id)) = loc.split_once('/') else { return Err(ApiError::internal()) };
-        let Some(rec) = self.store.get::<ApiTokenRecord>(&api_token_key(user_id, id)).await.map_err(store_error)?
-        else {
-            return Err(unauthenticated("invalid API token"));
-        };
+        self.api_tokens.caught_up().await.map_err(store_error)?;
+        let mut rec = self.api_tokens.get_by_index(&hash).map_err(store_error)?;
+        if rec.is_none() {
+            // Created a moment ago on another replica (coalesced lookups).
+            self.api_tokens.sync().await.map_err(store_error)?;
+            rec = self.api_tokens.get_by_index(&hash).map_err(store_error)?;
+        }
+        let Some(rec) = rec else { return Err(unauthenticated("invalid API token")) };
+        // The index is by hash already; compare anyway so an index bug cannot
+        // hand one token's identity to another.
         if rec.value.hash != hash {
             return Err(unauthenticated("invalid API token"));
         }
@@ -148,13 +153,17 @@ impl Identity {
         if rec.value.expires_at.as_ref().is_some_and(is_past) {
             return Err(unauthenticated("the API token expired"));
         }
-        let user = self.live_user(user_id).await?;
+        let user = self.live_user(&rec.value.user_id).await?;
+        if predates(rec.value.created_at.as_ref(), user.tokens_valid_after.as_ref()) {
+            return Err(revoked("the API token predates the user's last credential change"));
+        }
+        let id = rec.value.id.clone();
         self.touch_api_token(rec);
         Ok(Caller {
             role: role_of(&user),
             user_id: user.id,
             username: user.username,
-            credential: Credential::ApiToken(id.to_owned()),
+            credential: Credential::ApiToken(id),
         })
     }
 
@@ -174,5 +183,21 @@ impl Identity {
                 tracing::debug!(error = %e, "last_used_at not recorded");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::predates;
+    use prost_types::Timestamp;
+
+    #[test]
+    fn a_credential_of_the_same_second_but_earlier_predates_the_change() {
+        let t = |seconds, nanos| Some(Timestamp { seconds, nanos });
+        assert!(predates(t(100, 1).as_ref(), t(100, 2).as_ref()));
+        assert!(!predates(t(100, 2).as_ref(), t(100, 2).as_ref()));
+        assert!(!predates(t(101, 0).as_ref(), t(100, 999_999_999).as_ref()));
+        assert!(!predates(t(1, 0).as_ref(), None));
+        assert!(predates(None, t(1, 0).as_ref()));
     }
 }

@@ -12,33 +12,52 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use otherix_auth::Role;
 use otherix_auth::limiter::LoginLimiter;
-use otherix_errors::{ApiError, ErrorCode};
-use otherix_proto::otherix::store::v1::UserRecord;
+use otherix_errors::ApiError;
+use otherix_proto::otherix::store::v1::{ApiTokenRecord, SessionRecord, UserRecord};
 use otherix_proto::v1::User;
-use otherix_store::{Store, Versioned};
+use otherix_store::{Cache, Store, StoreError, Versioned, keys as store_keys};
 use prost_types::Timestamp;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::AuthConfig;
 use crate::store_error::store_error;
 
 pub use authn::Caller;
 
-/// Shared identity state: the store, the key cache and the login limiter.
+/// How long a cache may be without its watch before it refuses to answer.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// Shared identity state: the store, watch-fed caches of users, sessions,
+/// API tokens and signing keys (so authentication reads memory, not etcd),
+/// and the login limiter.
 #[derive(Debug)]
 pub struct Identity {
     pub(crate) store: Store,
     pub(crate) keys: keys::KeyCache,
+    pub(crate) users: Cache<UserRecord>,
+    pub(crate) sessions: Cache<SessionRecord>,
+    pub(crate) api_tokens: Cache<ApiTokenRecord>,
     pub(crate) limiter: LoginLimiter,
     pub(crate) access_ttl: Duration,
     pub(crate) refresh_ttl: Duration,
 }
 
 impl Identity {
-    /// Identity over `store`, with settings from the config.
-    pub fn new(store: Store, cfg: &AuthConfig) -> Identity {
+    /// Identity over `store`, with settings from the config; its caches run
+    /// until `cancel` fires.
+    pub fn new(store: Store, cfg: &AuthConfig, cancel: CancellationToken) -> Identity {
         let rl = &cfg.login_rate_limit;
+        let access_ttl = Duration::from_secs(cfg.access_token_ttl_seconds);
         Identity {
-            keys: keys::KeyCache::new(store.clone(), Duration::from_secs(cfg.access_token_ttl_seconds)),
+            keys: keys::KeyCache::new(store.clone(), access_ttl, STALE_AFTER, cancel.clone()),
+            users: store.cache(store_keys::USERS, None, STALE_AFTER, cancel.clone()),
+            sessions: store.cache(store_keys::SESSIONS, None, STALE_AFTER, cancel.clone()),
+            api_tokens: store.cache(
+                store_keys::API_TOKENS,
+                Some(|t: &ApiTokenRecord| Some(t.hash.clone())),
+                STALE_AFTER,
+                cancel,
+            ),
             store,
             limiter: LoginLimiter::new(
                 rl.max_failures as usize,
@@ -50,9 +69,30 @@ impl Identity {
         }
     }
 
+    /// Waits until every identity cache has listed once.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.keys.cache().ready().await?;
+        self.users.ready().await?;
+        self.sessions.ready().await?;
+        self.api_tokens.ready().await
+    }
+
     /// The current signing key set (for tools and benchmarks).
     pub async fn signing_keys(&self) -> Result<Vec<otherix_auth::jwt::Key>, ApiError> {
-        self.keys.keys(false).await
+        Ok(self.keys.keys(false).await?.as_ref().clone())
+    }
+
+    /// A user by id from memory (after this replica's own writes are in); a
+    /// miss is checked once against the store's current revision, for a
+    /// user created a moment ago on another replica.
+    pub async fn cached_user(&self, id: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
+        self.users.caught_up().await.map_err(store_error)?;
+        let key = user_key(id);
+        if let Some(u) = self.users.get(&key).map_err(store_error)? {
+            return Ok(Some(u));
+        }
+        self.users.sync().await.map_err(store_error)?;
+        self.users.get(&key).map_err(store_error)
     }
 
     /// A user by id.
@@ -106,27 +146,11 @@ impl Identity {
     }
 }
 
-/// The prefix of user records.
-pub const USERS: &str = "users/";
-
-/// The key of a user record.
-pub fn user_key(id: &str) -> String {
-    format!("{USERS}{id}")
-}
-
-/// The guard holding a username's owner.
-pub fn username_guard(username: &str) -> String {
-    format!("uniq/users/username/{username}")
-}
-
-/// The guard holding an email's owner.
-pub fn email_guard(email: &str) -> String {
-    format!("uniq/users/email/{}", email.to_ascii_lowercase())
-}
+pub use otherix_store::keys::{USERS, email_guard, user as user_key, username_guard};
 
 /// not_found for a user reference.
 pub fn user_not_found(reference: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("user {reference:?} not found")).with_detail("user", reference)
+    ApiError::not_found("user", reference).with_detail("user", reference)
 }
 
 /// The role stored in a record (records are validated on write).

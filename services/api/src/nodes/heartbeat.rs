@@ -10,11 +10,12 @@ use otherix_errors::{ApiError, ErrorCode};
 use otherix_proto::otherix::agent::v1::heartbeat_service_server::HeartbeatService;
 use otherix_proto::otherix::agent::v1::{DeclaredPool, HeartbeatRequest, HeartbeatResponse};
 use otherix_proto::otherix::store::v1::NodeRecord;
-use otherix_proto::v1::{NodeCapacity, NodePool, NodePressure, PressureCondition};
+use otherix_proto::v1::{Node, NodeCapacity, NodePool, NodePressure, PressureCondition};
 use otherix_store::Expect;
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{NodeHub, PeerCert, node_key, status};
+use super::{Beat, NodeHub, PeerCert, node_key, status};
 use crate::identity::now_ts;
 use crate::store_error::store_error;
 
@@ -62,96 +63,283 @@ fn percent_free(free: u64, total: u64) -> Option<f64> {
     (total > 0).then(|| free as f64 * 100.0 / total as f64)
 }
 
+/// The largest heartbeat report accepted (the agent's report is a few KiB).
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// The most pools and cached images a report may list.
+const MAX_POOLS: usize = 64;
+const MAX_IMAGES: usize = 512;
+/// Reports allowed in a burst, and the refill interval (agents report every
+/// interval and on change).
+const BURST: u32 = 5;
+const REFILL: std::time::Duration = std::time::Duration::from_secs(1);
+/// `last_heartbeat_at` is written at most this often when nothing else changes.
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn bad(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_field(field, message)
+}
+
+fn text(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
+    if v.len() > max || v.chars().any(char::is_control) {
+        return Err(bad(field, format!("{field} must be at most {max} printable characters")));
+    }
+    Ok(())
+}
+
+/// Checks a report field by field, as a join is checked.
+fn validate(hb: &HeartbeatRequest, architecture: &str) -> Result<(), ApiError> {
+    text("agent_version", &hb.agent_version, 64)?;
+    if !hb.architecture.is_empty() && hb.architecture != architecture {
+        return Err(bad("architecture", format!("the node joined as {architecture}; a report cannot change it")));
+    }
+    if let Some(c) = &hb.capabilities {
+        if !matches!(c.accelerator.as_str(), "" | "kvm" | "tcg") {
+            return Err(bad("capabilities.accelerator", "accelerator must be kvm or tcg"));
+        }
+        text("capabilities.qemu_version", &c.qemu_version, 128)?;
+        text("capabilities.cpu_model", &c.cpu_model, 256)?;
+        text("capabilities.kernel_version", &c.kernel_version, 256)?;
+    }
+    if hb.pools.len() > MAX_POOLS {
+        return Err(bad("pools", format!("at most {MAX_POOLS} pools")));
+    }
+    for p in &hb.pools {
+        let Some(pool) = &p.pool else { continue };
+        if !crate::names::is_label(&pool.name) {
+            return Err(bad("pools.pool.name", "pool names are lowercase RFC 1123 labels"));
+        }
+        text("pools.pool.path", &pool.path, 4096)?;
+        text("pools.reconciliation_status", &p.reconciliation_status, 32)?;
+        text("pools.reconciliation_error", &p.reconciliation_error, 1024)?;
+        if pool.images.len() > MAX_IMAGES || pool.downloads.len() > MAX_IMAGES {
+            return Err(bad("pools.pool.images", format!("at most {MAX_IMAGES} images per pool")));
+        }
+        for i in &pool.images {
+            text("pools.pool.images.name", &i.name, 255)?;
+            text("pools.pool.images.url", &i.url, 2048)?;
+            text("pools.pool.images.sha256", &i.sha256, 64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `a` moved from `b` by more than `percent` of `total`.
+fn moved(a: u64, b: u64, total: u64, percent: u64) -> bool {
+    a.abs_diff(b).saturating_mul(100) > total.saturating_mul(percent)
+}
+
+/// Whether the new view differs from the stored one in anything an operator
+/// or the scheduler would see (small drifts of free memory and disk are not).
+fn differs(old: &Node, new: &Node) -> bool {
+    let (oc, nc) = (old.capacity.clone().unwrap_or_default(), new.capacity.clone().unwrap_or_default());
+    let capacity = oc.cpu_cores != nc.cpu_cores
+        || oc.cpu_available != nc.cpu_available
+        || oc.memory_bytes != nc.memory_bytes
+        || oc.system_disk_total_bytes != nc.system_disk_total_bytes
+        || moved(oc.memory_available_bytes, nc.memory_available_bytes, nc.memory_bytes, 5)
+        || moved(oc.system_disk_free_bytes, nc.system_disk_free_bytes, nc.system_disk_total_bytes, 1);
+    let pools = old.pools.len() != new.pools.len()
+        || old.pools.iter().zip(&new.pools).any(|(a, b)| {
+            a.name != b.name
+                || a.path != b.path
+                || a.capacity_bytes != b.capacity_bytes
+                || a.reconciliation_status != b.reconciliation_status
+                || a.reconciliation_error != b.reconciliation_error
+                || moved(a.free_bytes, b.free_bytes, b.capacity_bytes, 1)
+        });
+    old.status != new.status
+        || old.agent_version != new.agent_version
+        || old.architecture != new.architecture
+        || old.accelerator != new.accelerator
+        || old.qemu_version != new.qemu_version
+        || old.pressure != new.pressure
+        || capacity
+        || pools
+}
+
+/// A token bucket per stream: `BURST` reports, one more per `REFILL`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new() -> Bucket {
+        Bucket { tokens: f64::from(BURST), at: tokio::time::Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() / REFILL.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(f64::from(BURST));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 impl NodeHub {
     /// Records one report of `node` (whose certificate has `fingerprint`)
-    /// and returns the answer.
+    /// and returns the answer. The node record is written only when the
+    /// report changes what an operator or the scheduler sees, or when
+    /// `last_heartbeat_at` is a minute old.
     pub async fn record_heartbeat(
         &self,
         node: &str,
         fingerprint: &str,
+        stream: u64,
         hb: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ApiError> {
+        let mut from_store = false;
         for _ in 0..8 {
-            let Some(cur) = self.node(node).await? else { return Err(revoked(node)) };
+            let cur = if from_store { self.node(node).await? } else { self.cached_node(node).await? };
+            let Some(cur) = cur else { return Err(revoked(node)) };
             let mut rec: NodeRecord = cur.value.clone();
             if rec.cert_fingerprint.is_empty() || rec.cert_fingerprint != fingerprint {
                 return Err(revoked(node));
             }
-            let mut n = rec.node.clone().unwrap_or_default();
-            if n.status == status::GONE {
+            let old = rec.node.clone().unwrap_or_default();
+            if old.status == status::GONE {
                 return Err(ApiError::new(ErrorCode::NodeGone, format!("node {node:?} is gone; readmit it first"))
                     .with_detail("reason", "node_gone"));
             }
-            if n.status != status::READY {
-                tracing::info!(node, from = %n.status, "node ready");
+            validate(&hb, &old.architecture)?;
+            let n = self.observed(node, &old, &hb);
+            let now = tokio::time::Instant::now();
+            let record_due = {
+                let beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                beats.get(node).is_none_or(|b| b.stream != stream || now.duration_since(b.recorded) >= RECORD_EVERY)
+            };
+            let changed = differs(&old, &n) || rec.unreachable_since.is_some();
+            self.note_beat(node, stream, now, changed || record_due);
+            if !changed && !record_due {
+                return self.answer().await;
             }
-            n.status = status::READY.to_owned();
-            n.last_heartbeat_at = Some(now_ts());
-            n.agent_version = hb.agent_version.clone();
-            if !hb.architecture.is_empty() {
-                n.architecture = hb.architecture.clone();
+            if old.status != status::READY {
+                tracing::info!(node, from = %old.status, "node ready");
             }
-            let caps = hb.capabilities.clone().unwrap_or_default();
-            let res = hb.resources.unwrap_or_default();
-            n.accelerator = caps.accelerator.clone();
-            n.qemu_version = caps.qemu_version.clone();
-            n.capacity = Some(NodeCapacity {
-                cpu_cores: caps.cpu_cores,
-                cpu_available: res.cpu_available,
-                memory_bytes: caps.memory_bytes,
-                memory_available_bytes: res.memory_available_bytes,
-                system_disk_total_bytes: res.system_disk_total_bytes,
-                system_disk_free_bytes: res.system_disk_free_bytes,
-            });
-            let threshold = f64::from(self.settings.pressure_threshold_percent);
-            let required = self.settings.pressure_consecutive_required;
-            let prev = n.pressure.unwrap_or_default();
-            let mem_under =
-                percent_free(res.memory_available_bytes, res.memory_total_bytes).is_some_and(|p| p < threshold);
-            let disk_under =
-                percent_free(res.system_disk_free_bytes, res.system_disk_total_bytes).is_some_and(|p| p < threshold);
-            n.pressure = Some(NodePressure {
-                memory: Some(pressure(prev.memory.as_ref(), mem_under, required, "memory", node)),
-                system_disk: Some(pressure(prev.system_disk.as_ref(), disk_under, required, "system_disk", node)),
-            });
-            n.pools = hb
-                .pools
-                .iter()
-                .filter_map(|p| {
-                    let pool = p.pool.as_ref()?;
-                    Some(NodePool {
-                        name: pool.name.clone(),
-                        r#type: "local_dir".into(),
-                        path: pool.path.clone(),
-                        capacity_bytes: pool.capacity_bytes,
-                        free_bytes: pool.free_bytes,
-                        reconciliation_status: p.reconciliation_status.clone(),
-                        reconciliation_error: p.reconciliation_error.clone(),
-                    })
-                })
-                .collect();
             rec.node = Some(n);
             rec.unreachable_since = None;
             match self.store.put(&node_key(node), &rec, Expect::Revision(cur.mod_revision), &[]).await {
-                Ok(_) => return Ok(self.answer()),
-                Err(otherix_store::StoreError::Conflict { .. }) => continue,
+                Ok(_) => return self.answer().await,
+                Err(otherix_store::StoreError::Conflict { .. }) => from_store = true,
                 Err(e) => return Err(store_error(e)),
             }
         }
         Err(ApiError::new(ErrorCode::Conflict, "the node record kept changing; retry"))
     }
 
-    /// The desired state for a node: today, the cluster default pool.
-    fn answer(&self) -> HeartbeatResponse {
-        let declared_pools = if self.default_pool.is_empty() {
-            Vec::new()
-        } else {
-            vec![DeclaredPool { name: self.default_pool.clone(), path: String::new() }]
-        };
-        HeartbeatResponse {
+    /// Notes a report in this replica's memory.
+    pub(crate) fn note_beat(&self, node: &str, stream: u64, at: tokio::time::Instant, recorded: bool) {
+        let mut beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = beats.entry(node.to_owned()).or_insert(Beat { at, stream, recorded: at });
+        e.at = at;
+        if e.stream != stream || recorded {
+            e.recorded = at;
+        }
+        e.stream = stream;
+    }
+
+    /// The node as this report shows it.
+    fn observed(&self, node: &str, old: &Node, hb: &HeartbeatRequest) -> Node {
+        let mut n = old.clone();
+        n.status = status::READY.to_owned();
+        n.last_heartbeat_at = Some(now_ts());
+        n.agent_version = hb.agent_version.clone();
+        let caps = hb.capabilities.clone().unwrap_or_default();
+        let res = hb.resources.unwrap_or_default();
+        n.accelerator = caps.accelerator.clone();
+        n.qemu_version = caps.qemu_version.clone();
+        n.capacity = Some(NodeCapacity {
+            cpu_cores: caps.cpu_cores,
+            cpu_available: res.cpu_available,
+            memory_bytes: caps.memory_bytes,
+            memory_available_bytes: res.memory_available_bytes,
+            system_disk_total_bytes: res.system_disk_total_bytes,
+            system_disk_free_bytes: res.system_disk_free_bytes,
+        });
+        let threshold = f64::from(self.settings.pressure_threshold_percent);
+        let required = self.settings.pressure_consecutive_required;
+        let prev = old.pressure.clone().unwrap_or_default();
+        let mem_under = percent_free(res.memory_available_bytes, res.memory_total_bytes).is_some_and(|p| p < threshold);
+        let disk_under =
+            percent_free(res.system_disk_free_bytes, res.system_disk_total_bytes).is_some_and(|p| p < threshold);
+        n.pressure = Some(NodePressure {
+            memory: Some(pressure(prev.memory.as_ref(), mem_under, required, "memory", node)),
+            system_disk: Some(pressure(prev.system_disk.as_ref(), disk_under, required, "system_disk", node)),
+        });
+        n.pools = hb
+            .pools
+            .iter()
+            .filter_map(|p| {
+                let pool = p.pool.as_ref()?;
+                Some(NodePool {
+                    name: pool.name.clone(),
+                    r#type: "local_dir".into(),
+                    path: pool.path.clone(),
+                    capacity_bytes: pool.capacity_bytes,
+                    free_bytes: pool.free_bytes,
+                    reconciliation_status: p.reconciliation_status.clone(),
+                    reconciliation_error: p.reconciliation_error.clone(),
+                })
+            })
+            .collect();
+        n
+    }
+
+    /// The desired state for a node: the cluster default pool, read from the
+    /// cluster settings (the one source; the config key only seeds it).
+    async fn answer(&self) -> Result<HeartbeatResponse, ApiError> {
+        let pool = self.default_pool().await?;
+        let declared_pools =
+            if pool.is_empty() { Vec::new() } else { vec![DeclaredPool { name: pool, path: String::new() }] };
+        Ok(HeartbeatResponse {
             received_at: Some(now_ts()),
             declared_pools,
             heartbeat_interval_seconds: self.settings.heartbeat_interval_seconds,
+        })
+    }
+
+    /// Marks this replica as serving `node`: its liveness key under the
+    /// replica's lease (one write per stream).
+    async fn claim_liveness(&self, node: &str) -> Result<(), ApiError> {
+        let lease = self.lease.load(std::sync::atomic::Ordering::Acquire);
+        if lease == 0 {
+            return Err(ApiError::new(ErrorCode::RequestTimeout, "the control plane is starting; retry"));
+        }
+        self.store
+            .put_leased(&otherix_store::keys::node_alive(node), self.replica_id.encode_to_vec(), lease)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The node went silent on this replica: drop its liveness key (when it
+    /// is still this replica's) and mark it unreachable.
+    pub(crate) async fn silent(&self, node: &str, stream: u64) {
+        {
+            let mut beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match beats.get(node) {
+                Some(b) if b.stream == stream => {
+                    beats.remove(node);
+                }
+                // A newer stream serves it now.
+                _ => return,
+            }
+        }
+        let key = otherix_store::keys::node_alive(node);
+        match self.store.release(&key, &self.replica_id.encode_to_vec()).await {
+            Ok(true) => {
+                tracing::warn!(node, "node unreachable: no heartbeat within the stale threshold");
+                self.mark_unreachable(node).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(node, error = %e, "cannot drop the liveness key"),
         }
     }
 }
@@ -173,41 +361,77 @@ impl HeartbeatService for HeartbeatServiceImpl {
         };
         tracing::Span::current().record("node", node.as_str());
         // Refuse at once when the node is unknown, revoked or gone.
-        let rec = self.hub.node(&node).await?.ok_or_else(|| revoked(&node))?;
+        let rec = self.hub.cached_node(&node).await?.ok_or_else(|| revoked(&node))?;
         if rec.value.cert_fingerprint != fingerprint {
             return Err(revoked(&node).into());
         }
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Registered before the liveness key is written, so a previous
+        // stream's silence check cannot drop the key this stream relies on.
+        self.hub.note_beat(&node, stream, tokio::time::Instant::now(), false);
+        self.hub.claim_liveness(&node).await?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let hub = self.hub.clone();
         let mut deleted = hub.deleted.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => match msg {
-                        Ok(Some(hb)) => {
-                            let answer = hub.record_heartbeat(&node, &fingerprint, hb).await;
-                            let stop = answer.is_err();
-                            if tx.send(answer.map_err(Status::from)).await.is_err() || stop {
+        let stale = std::time::Duration::from_secs(u64::from(hub.settings.stale_threshold_seconds));
+        let span = tracing::info_span!("heartbeat_stream", node = %node, stream);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut bucket = Bucket::new();
+                let mut last = tokio::time::Instant::now();
+                loop {
+                    let silence = tokio::time::sleep_until(last + stale);
+                    tokio::select! {
+                        msg = inbound.message() => match msg {
+                            Ok(Some(hb)) => {
+                                last = tokio::time::Instant::now();
+                                if !bucket.take() {
+                                    // Too many reports: not recorded, and not an error
+                                    // (an agent reporting on change may burst).
+                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    continue;
+                                }
+                                let answer = hub.record_heartbeat(&node, &fingerprint, stream, hb).await;
+                                let stop = answer.is_err();
+                                if stop {
+                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                if tx.send(answer.map_err(Status::from)).await.is_err() || stop {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                if e.code() == tonic::Code::OutOfRange || e.code() == tonic::Code::ResourceExhausted {
+                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                tracing::debug!(error = %e, "heartbeat stream ended");
+                                break;
+                            }
+                        },
+                        () = silence => {
+                            hub.silent(&node, stream).await;
+                            return;
+                        }
+                        gone = deleted.recv() => {
+                            if matches!(gone, Ok(ref n) if *n == node) {
+                                tracing::info!("node deleted: closing its heartbeat stream");
+                                let _ = tx.send(Err(revoked(&node).into())).await;
                                 break;
                             }
                         }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!(node = %node, error = %e, "heartbeat stream ended");
-                            break;
-                        }
-                    },
-                    gone = deleted.recv() => {
-                        if matches!(gone, Ok(ref n) if *n == node) {
-                            tracing::info!(node = %node, "node deleted: closing its heartbeat stream");
-                            let _ = tx.send(Err(revoked(&node).into())).await;
-                            break;
-                        }
                     }
                 }
-            }
-        });
+                drop(tx);
+                // The agent may reconnect (here or to another replica): the node
+                // stays ready until it has been silent for the stale threshold.
+                tokio::time::sleep_until(last + stale).await;
+                hub.silent(&node, stream).await;
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -5,22 +5,25 @@ pub mod heartbeat;
 pub mod liveness;
 pub mod service;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use otherix_errors::{ApiError, ErrorCode};
+use otherix_errors::ApiError;
 use otherix_pki::ClusterCa;
-use otherix_proto::otherix::store::v1::{ClusterCaRecord, NodeRecord};
+use otherix_proto::otherix::store::v1::{ClusterCaRecord, ClusterSettings, NodeRecord};
 use otherix_proto::v1::Node;
-use otherix_store::{Expect, Store, StoreError, Versioned};
+use otherix_store::{Cache, Expect, Store, StoreError, Versioned, keys};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::NodesConfig;
 use crate::store_error::store_error;
 
 /// The store key of the cluster CA.
-pub const CA_KEY: &str = "pki/cluster_ca";
+pub const CA_KEY: &str = keys::CLUSTER_CA;
 /// The prefix of node records.
-pub const NODES: &str = "nodes/";
+pub const NODES: &str = keys::NODES;
 
 /// Node states.
 pub mod status {
@@ -44,21 +47,64 @@ pub struct PeerCert {
     pub fingerprint: String,
 }
 
-/// Shared state of the node services.
+/// What this replica knows of a node whose heartbeat stream it serves.
+#[derive(Debug, Clone)]
+pub(crate) struct Beat {
+    /// When the last report arrived.
+    pub(crate) at: tokio::time::Instant,
+    /// Which stream of this replica serves it (a reconnect makes a new one).
+    pub(crate) stream: u64,
+    /// When the record's `last_heartbeat_at` was last written.
+    pub(crate) recorded: tokio::time::Instant,
+}
+
+/// Shared state of the node services: the store, watch-fed caches of nodes,
+/// liveness keys and cluster settings, and this replica's heartbeat streams.
 #[derive(Debug)]
 pub struct NodeHub {
     pub(crate) store: Store,
     pub(crate) ca: ClusterCa,
     pub(crate) settings: NodesConfig,
-    pub(crate) default_pool: String,
+    pub(crate) nodes: Cache<NodeRecord>,
+    pub(crate) alive: Cache<String>,
+    pub(crate) cluster: Cache<ClusterSettings>,
+    /// This replica's id, the value of the liveness keys it writes.
+    pub(crate) replica_id: String,
+    /// This replica's lease (liveness keys live under it); 0 until granted.
+    pub(crate) lease: std::sync::atomic::AtomicI64,
+    /// Nodes whose heartbeat streams this replica serves.
+    pub(crate) beats: Mutex<HashMap<String, Beat>>,
+    /// Heartbeat reports refused for size or rate, and the last accepted
+    /// report time per node (rate limit).
+    pub(crate) refused_reports: std::sync::atomic::AtomicU64,
     /// Names of deleted nodes, so their open heartbeat streams end at once.
     pub(crate) deleted: broadcast::Sender<String>,
 }
 
 impl NodeHub {
-    /// The hub over a store and the cluster CA.
-    pub fn new(store: Store, ca: ClusterCa, settings: NodesConfig, default_pool: String) -> NodeHub {
-        NodeHub { store, ca, settings, default_pool, deleted: broadcast::channel(64).0 }
+    /// The hub over a store and the cluster CA; its caches run until `cancel`.
+    pub fn new(store: Store, ca: ClusterCa, settings: NodesConfig, cancel: CancellationToken) -> NodeHub {
+        let stale = crate::identity::STALE_AFTER;
+        NodeHub {
+            nodes: store.cache(keys::NODES, None, stale, cancel.clone()),
+            alive: store.cache(keys::NODE_ALIVE, None, stale, cancel.clone()),
+            cluster: store.cache(keys::CLUSTER_SETTINGS, None, stale, cancel),
+            store,
+            ca,
+            settings,
+            replica_id: uuid::Uuid::now_v7().simple().to_string(),
+            lease: std::sync::atomic::AtomicI64::new(0),
+            beats: Mutex::new(HashMap::new()),
+            refused_reports: std::sync::atomic::AtomicU64::new(0),
+            deleted: broadcast::channel(64).0,
+        }
+    }
+
+    /// Waits until the caches have listed once.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.nodes.ready().await?;
+        self.alive.ready().await?;
+        self.cluster.ready().await
     }
 
     /// The cluster CA.
@@ -66,7 +112,13 @@ impl NodeHub {
         &self.ca
     }
 
-    /// A node record by name.
+    /// How many heartbeat reports were refused (size, rate or content).
+    pub fn refused_reports(&self) -> u64 {
+        self.refused_reports.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A node record by name, read from the store (for writes that
+    /// compare-and-swap on it).
     pub async fn node(&self, name: &str) -> Result<Option<Versioned<NodeRecord>>, ApiError> {
         if otherix_pki::validate_node_name(name).is_err() {
             return Ok(None);
@@ -74,9 +126,36 @@ impl NodeHub {
         self.store.get::<NodeRecord>(&node_key(name)).await.map_err(store_error)
     }
 
-    /// Every node record, by name.
+    /// A node record by name from memory (after this replica's own writes).
+    pub async fn cached_node(&self, name: &str) -> Result<Option<Versioned<NodeRecord>>, ApiError> {
+        if otherix_pki::validate_node_name(name).is_err() {
+            return Ok(None);
+        }
+        self.nodes.caught_up().await.map_err(store_error)?;
+        let key = node_key(name);
+        if let Some(n) = self.nodes.get(&key).map_err(store_error)? {
+            return Ok(Some(n));
+        }
+        // Enrolled a moment ago through another replica.
+        self.nodes.sync().await.map_err(store_error)?;
+        self.nodes.get(&key).map_err(store_error)
+    }
+
+    /// Every node record, by name, from memory.
     pub async fn nodes(&self) -> Result<Vec<Versioned<NodeRecord>>, ApiError> {
-        Ok(self.store.list::<NodeRecord>(NODES).await.map_err(store_error)?.into_iter().map(|(_, v)| v).collect())
+        self.nodes.caught_up().await.map_err(store_error)?;
+        Ok(self.nodes.list(NODES).map_err(store_error)?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The cluster default pool, from memory: the one source agents are told.
+    pub async fn default_pool(&self) -> Result<String, ApiError> {
+        self.cluster.caught_up().await.map_err(store_error)?;
+        Ok(self
+            .cluster
+            .get(keys::CLUSTER_SETTINGS)
+            .map_err(store_error)?
+            .map(|s| s.value.default_pool_name)
+            .unwrap_or_default())
     }
 
     /// The heartbeat interval agents are told.
@@ -87,12 +166,12 @@ impl NodeHub {
 
 /// The store key of a node.
 pub fn node_key(name: &str) -> String {
-    format!("{NODES}{name}")
+    keys::node(name)
 }
 
 /// not_found for a node name.
 pub fn node_not_found(name: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("node {name:?} not found")).with_detail("node", name)
+    ApiError::not_found("node", name).with_detail("node", name)
 }
 
 /// The node view a role may see: developers and viewers get the reduced shape.
@@ -112,21 +191,31 @@ pub fn node_view(rec: &NodeRecord, full: bool) -> Node {
     }
 }
 
+/// Why the cluster CA could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The store failed.
+    #[error("cannot read or write the cluster CA in the store")]
+    Store(#[from] StoreError),
+    /// The stored CA does not load (corrupt, or sealed with another key).
+    #[error("the stored cluster CA ({CA_KEY}) is unusable")]
+    Corrupt(#[source] otherix_pki::PkiError),
+    /// A new CA could not be generated.
+    #[error("cannot generate the cluster CA")]
+    Generate(#[source] otherix_pki::PkiError),
+}
+
 /// Loads the cluster CA from the store, creating it on the first boot of the
 /// cluster (replicas racing: the first write wins, the others read it).
-pub async fn ensure_ca(store: &Store) -> Result<ClusterCa, StoreError> {
+pub async fn ensure_ca(store: &Store) -> Result<ClusterCa, CaError> {
     loop {
         if let Some(rec) = store.get::<ClusterCaRecord>(CA_KEY).await? {
-            return ClusterCa::from_pem(&rec.value.cert_pem, &rec.value.key_pem).map_err(|e| {
-                tracing::error!(error = %e, "the stored cluster CA is unusable");
-                StoreError::Contended { key: CA_KEY.into(), attempts: 0 }
-            });
+            let key_pem = crate::secrets_at_rest::ca_key(store, &rec.value.key_pem)?;
+            return ClusterCa::from_pem(&rec.value.cert_pem, &key_pem).map_err(CaError::Corrupt);
         }
-        let ca = ClusterCa::generate().map_err(|e| {
-            tracing::error!(error = %e, "cannot generate the cluster CA");
-            StoreError::Contended { key: CA_KEY.into(), attempts: 0 }
-        })?;
+        let ca = ClusterCa::generate().map_err(CaError::Generate)?;
         let (cert_pem, key_pem) = ca.to_pem();
+        let key_pem = crate::secrets_at_rest::seal_ca_key(store, &key_pem)?;
         let rec = ClusterCaRecord { cert_pem, key_pem, created_at: Some(crate::identity::now_ts()) };
         match store.put(CA_KEY, &rec, Expect::Absent, &[]).await {
             Ok(_) => {
@@ -134,7 +223,7 @@ pub async fn ensure_ca(store: &Store) -> Result<ClusterCa, StoreError> {
                 return Ok(ca);
             }
             Err(StoreError::AlreadyExists { .. }) => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }

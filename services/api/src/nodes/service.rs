@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::enrolment::{JOIN_TOKEN_PREFIX, join_token_hash_guard, join_token_key};
 use super::{NodeHub, node_key, node_not_found, node_view, status};
 use crate::identity::{Caller, is_past, now_ts, ts_after};
-use crate::store_error::store_error;
+use crate::store_error::{Rmw, store_error};
 
 /// Serves NodeService.
 #[derive(Debug, Clone)]
@@ -53,18 +53,18 @@ impl NodeServiceImpl {
         name: &str,
         mut change: impl FnMut(&mut NodeRecord) -> Result<bool, ApiError>,
     ) -> Result<NodeRecord, ApiError> {
-        loop {
-            let cur = self.hub.node(name).await?.ok_or_else(|| node_not_found(name))?;
-            let mut next = cur.value.clone();
-            if !change(&mut next)? {
-                return Ok(next);
-            }
-            match self.hub.store.put(&node_key(name), &next, Expect::Revision(cur.mod_revision), &[]).await {
-                Ok(_) => return Ok(next),
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(store_error(e)),
-            }
+        if otherix_pki::validate_node_name(name).is_err() {
+            return Err(node_not_found(name));
         }
+        let stored = self
+            .hub
+            .store
+            .update::<NodeRecord, Rmw, _>(&node_key(name), |cur| {
+                let mut next = cur.cloned().ok_or_else(|| node_not_found(name))?;
+                Ok(change(&mut next)?.then_some(next))
+            })
+            .await?;
+        stored.map(|v| v.value).ok_or_else(|| node_not_found(name))
     }
 }
 
@@ -171,7 +171,7 @@ impl NodeService for NodeServiceImpl {
     #[tracing::instrument(skip_all, fields(token = %req.get_ref().id))]
     async fn revoke_join_token(&self, req: Request<RevokeJoinTokenRequest>) -> Result<Response<JoinToken>, Status> {
         let id = req.into_inner().id;
-        let not_found = || ApiError::new(ErrorCode::NotFound, format!("join token {id:?} not found"));
+        let not_found = || ApiError::not_found("join token", &id);
         if uuid::Uuid::parse_str(&id).is_err() {
             return Err(not_found().into());
         }
@@ -199,7 +199,7 @@ impl NodeService for NodeServiceImpl {
         if uuid::Uuid::parse_str(&id).is_err()
             || self.hub.store.get::<JoinTokenRecord>(&join_token_key(&id)).await.map_err(store_error)?.is_none()
         {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("join token {id:?} not found")).into());
+            return Err(ApiError::not_found("join token", &id).into());
         }
         let consumptions = self
             .hub
@@ -242,7 +242,7 @@ impl NodeService for NodeServiceImpl {
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         let caller = Caller::of(&req)?;
         let name = &req.get_ref().name;
-        let rec = self.hub.node(name).await?.ok_or_else(|| node_not_found(name))?;
+        let rec = self.hub.cached_node(name).await?.ok_or_else(|| node_not_found(name))?;
         Ok(Response::new(node_view(&rec.value, full_view(&caller))))
     }
 
