@@ -117,8 +117,12 @@ impl VmHandle {
 
     /// Memory (MiB) the VM holds on the host: QEMU runs, or a create or start is under way.
     fn placed_memory_mib(&self) -> u64 {
+        // A QEMU that still runs holds its memory whatever the phase says (e.g. FAILED on an
+        // accelerator error).
+        let running = self.proc_().is_some();
         let r = lock(&self.record);
-        let placed = self.starting.load(Ordering::SeqCst)
+        let placed = running
+            || self.starting.load(Ordering::SeqCst)
             || matches!(
                 VmPhase::try_from(r.phase),
                 Ok(VmPhase::Creating | VmPhase::Running | VmPhase::Paused | VmPhase::Stopping)
