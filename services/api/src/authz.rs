@@ -34,61 +34,104 @@ pub fn grpc_error(req_content_type: Option<&http::HeaderValue>, e: &ApiError) ->
     resp
 }
 
-fn bearer(req: &Request<Body>) -> Option<&str> {
-    let v = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+/// The services served without an access rule: health checks and reflection.
+pub const OPEN_SERVICES: &[&str] =
+    &["/grpc.health.v1.Health", "/grpc.reflection.v1.ServerReflection", "/grpc.reflection.v1alpha.ServerReflection"];
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
+/// Set once a request's caller has been checked (by the REST gateway, before
+/// it validates the body), so the layer does not check it twice. Only the
+/// server inserts extensions; a client cannot send one.
+#[derive(Debug, Clone, Copy)]
+pub struct Authorized;
+
 /// Axum middleware: authenticates the caller, checks the permission, and
 /// hands the [`crate::identity::Caller`] to the handler.
-pub async fn authorize(State(st): State<AuthzState>, mut req: Request<Body>, next: Next) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    // Health and reflection carry no rule: they are open, as for any gRPC server.
-    let anonymous = || {
-        tracing::Span::current().record("caller", "anonymous");
-    };
-    let Some(rule) = st.access.rule(&path) else {
-        anonymous();
-        return next.run(req).await;
-    };
-    if rule.public {
-        anonymous();
+pub async fn authorize(State(st): State<AuthzState>, req: Request<Body>, next: Next) -> Response<Body> {
+    if req.extensions().get::<Authorized>().is_some() {
+        let who = req.extensions().get::<crate::identity::Caller>().map(|c| c.username.clone());
+        tracing::Span::current().record("caller", who.as_deref().unwrap_or("anonymous"));
         return next.run(req).await;
     }
     let ct = req.headers().get(http::header::CONTENT_TYPE).cloned();
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    match check(&st, &path, &mut parts).await {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(e) => grpc_error(ct.as_ref(), &e),
+    }
+}
+
+/// Authenticates and authorizes a call to the RPC at `path`; on success the
+/// caller (if any) is in `parts.extensions`, with [`Authorized`].
+pub async fn check(st: &AuthzState, path: &str, parts: &mut http::request::Parts) -> Result<(), ApiError> {
+    let anonymous = || {
+        tracing::Span::current().record("caller", "anonymous");
+    };
+    let Some(rule) = st.access.rule(path) else {
+        // Health and reflection carry no rule: they are open, as for any gRPC
+        // server. Anything else without a rule is refused, so an RPC added
+        // without one is closed rather than open to anonymous callers.
+        if OPEN_SERVICES.iter().any(|s| path.strip_prefix(s).is_some_and(|m| m.starts_with('/'))) {
+            anonymous();
+            parts.extensions.insert(Authorized);
+            return Ok(());
+        }
+        tracing::warn!(%path, "refused: no access rule for this path");
+        return Err(ApiError::new(ErrorCode::PermissionDenied, "no access rule allows this call")
+            .with_detail("reason", "no_access_rule"));
+    };
+    if rule.public {
+        anonymous();
+        parts.extensions.insert(Authorized);
+        return Ok(());
+    }
     if rule.agent || rule.control_plane {
         // Agent-plane RPCs authenticate by client certificate on the agent
         // listener; a user token never opens them.
-        let node = req.extensions().get::<PeerCert>().and_then(|p| p.node_name.clone());
+        let node = parts.extensions.get::<PeerCert>().and_then(|p| p.node_name.clone());
         if let (true, Some(node)) = (rule.agent, node) {
             tracing::Span::current().record("caller", format!("node:{node}").as_str());
-            return next.run(req).await;
+            parts.extensions.insert(Authorized);
+            return Ok(());
         }
-        let e = ApiError::new(ErrorCode::Unauthenticated, "this RPC needs an enrolled agent's client certificate")
-            .with_detail("reason", "cert_untrusted");
-        return grpc_error(ct.as_ref(), &e);
+        return Err(ApiError::new(ErrorCode::Unauthenticated, "this RPC needs an enrolled agent's client certificate")
+            .with_detail("reason", "cert_untrusted"));
     }
-    let Some(token) = bearer(&req) else {
-        let e =
-            ApiError::new(ErrorCode::Unauthenticated, "authentication required: send Authorization: Bearer <token>");
-        return grpc_error(ct.as_ref(), &e);
+    let Some(token) = bearer(&parts.headers) else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            "authentication required: send Authorization: Bearer <token>",
+        ));
     };
-    let caller = match st.identity.authenticate(token).await {
-        Ok(c) => c,
-        Err(e) => return grpc_error(ct.as_ref(), &e),
-    };
+    let caller = st.identity.authenticate(token).await?;
     tracing::Span::current().record("caller", caller.username.as_str());
     if !rule.permission.is_empty() && caller.role.grant(&rule.permission).is_none() {
         tracing::info!(caller = %caller.username, role = %caller.role, permission = %rule.permission, "permission denied");
-        let e = ApiError::new(
+        return Err(ApiError::new(
             ErrorCode::PermissionDenied,
             format!("role {} lacks the permission {}", caller.role, rule.permission),
         )
         .with_detail("required_permission", rule.permission.clone())
-        .with_detail("role", caller.role.as_str());
-        return grpc_error(ct.as_ref(), &e);
+        .with_detail("role", caller.role.as_str()));
     }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    parts.extensions.insert(caller);
+    parts.extensions.insert(Authorized);
+    Ok(())
+}
+
+/// The REST gateway's check before it reads a call's fields.
+impl otherix_gateway::Authorizer for AuthzState {
+    fn authorize<'a>(
+        &'a self,
+        grpc_path: &'a str,
+        parts: &'a mut http::request::Parts,
+    ) -> futures::future::BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(check(self, grpc_path, parts))
+    }
 }

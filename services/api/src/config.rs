@@ -154,6 +154,17 @@ pub struct ServerConfig {
     pub request_timeout_seconds: u64,
     /// How long shutdown waits for calls in flight, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Cross-origin access for browser clients (grpc-web and REST).
+    pub cors: CorsConfig,
+}
+
+/// Which web origins may call the API from a browser.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Allowed origins, `scheme://host[:port]`; the port may be `*` and the
+    /// host may start with `*.`. Empty (the default) allows none.
+    pub allowed_origins: Vec<String>,
 }
 
 /// A certificate and key in PEM files.
@@ -249,6 +260,7 @@ impl Default for ServerConfig {
             max_request_bytes: 1024 * 1024,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -312,6 +324,9 @@ impl Config {
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.server.max_request_bytes) {
             return Err(key_err("server.max_request_bytes", "must be between 1024 and 67108864"));
+        }
+        if let Err(e) = otherix_gateway::cors::Cors::new(&self.server.cors.allowed_origins) {
+            return Err(key_err("server.cors.allowed_origins", e.to_string()));
         }
         if self.server.request_timeout_seconds == 0 {
             return Err(key_err("server.request_timeout_seconds", "must be at least 1"));

@@ -16,7 +16,7 @@ use otherix_proto::v1::cluster_service_server::ClusterServiceServer;
 use otherix_store::Store;
 use prost_reflect::DescriptorPool;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
+use tower::{Layer, ServiceExt};
 
 use crate::access::AccessTable;
 use crate::authz::AuthzState;
@@ -47,8 +47,8 @@ pub async fn build_router(
     hub: Arc<NodeHub>,
 ) -> Result<axum::Router, StartError> {
     let pool =
-        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
-    let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
+        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.into()))?;
+    let access = Arc::new(AccessTable::from_pool(&pool).map_err(|e| StartError::Contract(e.into()))?);
     let max = config.server.max_request_bytes;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -62,22 +62,26 @@ pub async fn build_router(
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| StartError::Contract(e.to_string()))?;
+        .map_err(|e| StartError::Contract(e.into()))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| StartError::Contract(e.to_string()))?;
+        .map_err(|e| StartError::Contract(e.into()))?;
 
     let web = tonic_web::GrpcWebLayer::new();
-    use tower::Layer;
-    let cluster = ClusterServiceServer::new(ClusterSettingsService::new(store.clone())).max_decoding_message_size(max);
+    let cluster = ClusterServiceServer::new(ClusterSettingsService::new(store.clone(), hub.cluster.clone()))
+        .max_decoding_message_size(max);
     let auth = AuthServiceServer::new(AuthServiceImpl::new(identity.clone())).max_decoding_message_size(max);
     let users = UserServiceServer::new(UserServiceImpl::new(identity.clone())).max_decoding_message_size(max);
-    let tokens = ApiTokenServiceServer::new(ApiTokenServiceImpl::new(identity.clone())).max_decoding_message_size(max);
+    let tokens = ApiTokenServiceServer::new(
+        ApiTokenServiceImpl::new(identity.clone()).with_max_per_user(config.auth.max_api_tokens_per_user),
+    )
+    .max_decoding_message_size(max);
     let node_svc = NodeServiceServer::new(NodeServiceImpl::new(hub.clone())).max_decoding_message_size(max);
     let enrol = EnrolmentServiceServer::new(EnrolmentServiceImpl::new(hub)).max_decoding_message_size(max);
     let authz = AuthzState { access: access.clone(), identity };
+    let rest_authz: Arc<dyn otherix_gateway::Authorizer> = Arc::new(authz.clone());
     let idem = IdempotencyState::new(store.clone(), &pool, &access, max);
     let grpc = tonic::service::Routes::new(web.layer(cluster))
         .add_service(web.layer(auth))
@@ -94,7 +98,7 @@ pub async fn build_router(
         .layer(axum::middleware::from_fn_with_state(authz, authz::authorize))
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
 
-    let routes = routes_from_pool(&pool, "otherix.").map_err(|e| StartError::Contract(e.to_string()))?;
+    let routes = routes_from_pool(&pool, "otherix.").map_err(|e| StartError::Contract(e.into()))?;
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
@@ -102,13 +106,16 @@ pub async fn build_router(
             max_body_bytes: max,
             request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
         },
-    );
+    )
+    .with_authorizer(rest_authz);
 
     let health_routes = axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .with_state(store);
-    Ok(health_routes.fallback_service(dispatch(grpc, gateway)))
+    let cors = otherix_gateway::cors::Cors::new(&config.server.cors.allowed_origins)
+        .map_err(|e| StartError::Contract(e.into()))?;
+    Ok(health_routes.fallback_service(dispatch(grpc, gateway)).layer(otherix_gateway::cors::CorsLayer::new(cors)))
 }
 
 /// The router while otherix-api starts: `/healthz`, a 503 `/readyz`, and
@@ -151,12 +158,20 @@ fn dispatch(
     tower::service_fn(move |req: Request<Body>| {
         let (grpc, gateway) = (grpc.clone(), gateway.clone());
         async move {
-            let is_grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.starts_with("application/grpc"));
-            let resp: Response<Body> = if is_grpc {
+            let ct = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let is_grpc = ct.starts_with("application/grpc");
+            // Only the binary protobuf codec is served; say so instead of a bare 400.
+            let json_codec = is_grpc && ct.split(';').next().is_some_and(|e| e.trim().ends_with("+json"));
+            let resp: Response<Body> = if json_codec {
+                let e = otherix_errors::ApiError::new(
+                    otherix_errors::ErrorCode::UnsupportedMediaType,
+                    format!("{ct} is not served: use application/grpc-web+proto (or application/grpc)"),
+                )
+                .with_detail("content_type", ct);
+                let mut resp = error_response(&e);
+                resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("3"));
+                resp
+            } else if is_grpc {
                 grpc.oneshot(req).await.unwrap_or_else(|never| match never {})
             } else if req.uri().path().starts_with("/v1/") {
                 gateway.handle(req).await
@@ -184,23 +199,25 @@ pub async fn agent_listener(
     let sans = otherix_pki::default_server_sans(hostname.trim(), &[user_addr, bound], &config.cp_cert.additional_sans);
     let validity = Duration::from_secs(u64::from(config.cp_cert.validity_days) * 24 * 3600);
     let cert = otherix_pki::load_or_issue_server_cert(&config.state_dir.join("pki"), hub.ca(), &sans, validity)
-        .map_err(|e| StartError::Pki(e.to_string()))?;
+        .map_err(|e| StartError::Pki(e))?;
     tracing::info!(reused = cert.reused, serial = %cert.cert.serial_hex, ?sans, "agent listener certificate");
     let tls = otherix_pki::server_config_mtls(&cert.cert.cert_pem, &cert.cert.key_pem, hub.ca().cert_pem(), false)
-        .map_err(|e| StartError::Pki(e.to_string()))?;
+        .map_err(|e| StartError::Pki(e))?;
 
     let pool =
-        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.to_string()))?;
-    let access = Arc::new(AccessTable::from_pool(&pool).map_err(StartError::Contract)?);
+        DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.into()))?;
+    let access = Arc::new(AccessTable::from_pool(&pool).map_err(|e| StartError::Contract(e.into()))?);
     let max = 16 * 1024 * 1024;
     let enrol = EnrolmentServiceServer::new(EnrolmentServiceImpl::new(hub.clone())).max_decoding_message_size(max);
-    let beats = HeartbeatServiceServer::new(HeartbeatServiceImpl::new(hub)).max_decoding_message_size(max);
+    let beats = HeartbeatServiceServer::new(HeartbeatServiceImpl::new(hub))
+        .max_decoding_message_size(crate::nodes::heartbeat::MAX_REPORT_BYTES);
+    let agent_authz = AuthzState { access: access.clone(), identity };
     let grpc = tonic::service::Routes::new(enrol)
         .add_service(beats)
         .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(AuthzState { access: access.clone(), identity }, authz::authorize))
+        .layer(axum::middleware::from_fn_with_state(agent_authz.clone(), authz::authorize))
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
-    let routes = routes_from_pool(&pool, "otherix.agent.").map_err(|e| StartError::Contract(e.to_string()))?;
+    let routes = routes_from_pool(&pool, "otherix.agent.").map_err(|e| StartError::Contract(e.into()))?;
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
@@ -208,7 +225,8 @@ pub async fn agent_listener(
             max_body_bytes: max,
             request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
         },
-    );
+    )
+    .with_authorizer(Arc::new(agent_authz));
     let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway));
     Ok((listener, Arc::new(tls), app))
 }
@@ -266,7 +284,9 @@ pub async fn serve(
         // remote_addr()) and, on TLS, the client certificate's identity.
         let app = app.clone();
         let make_svc = move |cert: Option<PeerCert>| {
-            TowerToHyperService::new(app.map_request(move |mut req: Request<hyper::body::Incoming>| {
+            let app = otherix_gateway::drain::DrainLayer.layer(app.clone());
+            TowerToHyperService::new(app.map_request(move |req: Request<hyper::body::Incoming>| {
+                let mut req = req.map(Body::new);
                 req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                 req.extensions_mut()
                     .insert(tonic::transport::server::TcpConnectInfo { local_addr: local, remote_addr: Some(peer) });

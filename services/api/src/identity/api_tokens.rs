@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use otherix_auth::Scope;
 use otherix_auth::token::{self, API_TOKEN_PREFIX};
-use otherix_errors::{ApiError, ErrorCode};
+use otherix_errors::ApiError;
 use otherix_proto::otherix::store::v1::{ApiTokenRecord, UserRecord};
 use otherix_proto::v1::api_token_service_server::ApiTokenService;
 use otherix_proto::v1::{
@@ -131,7 +131,7 @@ impl ApiTokenService for ApiTokenServiceImpl {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         let user = self.target(&caller, &r.user).await?;
-        let not_found = || ApiError::new(ErrorCode::NotFound, format!("API token {:?} not found", r.token_id));
+        let not_found = || ApiError::not_found("API token", &r.token_id);
         if uuid::Uuid::parse_str(&r.token_id).is_err() {
             return Err(not_found().into());
         }

@@ -237,7 +237,7 @@ impl AuthService for AuthServiceImpl {
                 .map_err(store_error)?;
             tracing::info!(user = %caller.username, revoked, "logged out of every session");
         } else if !r.refresh_token.is_empty() {
-            let not_found = || ApiError::new(ErrorCode::NotFound, "no such session");
+            let not_found = || ApiError::new(ErrorCode::NotFound, "no such session").with_detail("kind", "session");
             if !token::well_formed(&r.refresh_token, REFRESH_TOKEN_PREFIX) {
                 return Err(not_found().into());
             }
