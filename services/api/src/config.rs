@@ -109,6 +109,8 @@ pub struct AuthConfig {
     pub refresh_token_ttl_seconds: u64,
     /// Failed-login limits.
     pub login_rate_limit: LoginRateLimitConfig,
+    /// Live (neither revoked nor expired) API tokens one user may hold.
+    pub max_api_tokens_per_user: u32,
 }
 
 /// Failed-login limits (per replica).
@@ -130,6 +132,7 @@ impl Default for AuthConfig {
             access_token_ttl_seconds: 15 * 60,
             refresh_token_ttl_seconds: 30 * 24 * 3600,
             login_rate_limit: LoginRateLimitConfig::default(),
+            max_api_tokens_per_user: 50,
         }
     }
 }
@@ -366,6 +369,9 @@ impl Config {
         }
         if self.auth.login_rate_limit.max_failures == 0 || self.auth.login_rate_limit.window_seconds == 0 {
             return Err(key_err("auth.login_rate_limit", "max_failures and window_seconds must be at least 1"));
+        }
+        if self.auth.max_api_tokens_per_user == 0 {
+            return Err(key_err("auth.max_api_tokens_per_user", "must be at least 1"));
         }
         if self.agent_server.enabled {
             self.agent_listen_addr()?;

@@ -274,7 +274,10 @@ async fn user_management_rules() {
     let (s, body) =
         call(h.http.patch(h.url("/v1/users/dana")).json(&json!({"role": "operator", "display_name": "Dana O."}))).await;
     assert_eq!((s, body["role"].as_str(), body["display_name"].as_str()), (200, Some("operator"), Some("Dana O.")));
-    // The new role applies to tokens already issued.
+    // A role change ends the sessions and tokens issued before it; the new
+    // role applies from the next login.
+    assert_eq!(code(&call(client_with(&dana).get(h.url("/v1/users"))).await.1), "token_revoked");
+    let dana = login(&h.anon, &h.base, "dana", "dana-password-1").await["access_token"].as_str().unwrap().to_owned();
     assert_eq!(call(client_with(&dana).get(h.url("/v1/users"))).await.0, 200);
 
     // Own password change needs the current password.

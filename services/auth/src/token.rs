@@ -30,6 +30,35 @@ pub fn hash(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 
+/// An HMAC-SHA256 under a server secret, fed piece by piece: what a record
+/// keeps instead of a bare hash of something that may be guessed.
+pub struct Keyed(hmac::Hmac<Sha256>);
+
+impl std::fmt::Debug for Keyed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("Keyed(HMAC-SHA256)")
+    }
+}
+
+impl Keyed {
+    /// An HMAC under `key`.
+    pub fn new(key: &[u8]) -> Keyed {
+        use hmac::KeyInit;
+        Keyed(<hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length"))
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        hmac::Mac::update(&mut self.0, bytes);
+    }
+
+    /// The tag.
+    pub fn finish(self) -> Vec<u8> {
+        hmac::Mac::finalize(self.0).into_bytes().to_vec()
+    }
+}
+
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -61,5 +90,15 @@ mod tests {
         assert_ne!(t, generate(API_TOKEN_PREFIX));
         assert_eq!(hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(shown_prefix(&t).len(), SHOWN_PREFIX_LEN);
+    }
+
+    #[test]
+    fn keyed_is_hmac_sha256() {
+        // RFC 4231, test case 2.
+        let mut k = Keyed::new(b"Jefe");
+        k.update(b"what do ya want ");
+        k.update(b"for nothing?");
+        assert_eq!(hex(&k.finish()), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert!(!format!("{:?}", Keyed::new(b"Jefe")).contains("Jefe"));
     }
 }

@@ -5,32 +5,42 @@ use std::sync::Arc;
 
 use otherix_auth::Scope;
 use otherix_auth::token::{self, API_TOKEN_PREFIX};
-use otherix_errors::ApiError;
+use otherix_errors::{ApiError, ErrorCode};
 use otherix_proto::otherix::store::v1::{ApiTokenRecord, UserRecord};
 use otherix_proto::v1::api_token_service_server::ApiTokenService;
 use otherix_proto::v1::{
     ApiToken, CreateApiTokenRequest, CreateApiTokenResponse, ListApiTokensRequest, ListApiTokensResponse,
     RevokeApiTokenRequest,
 };
-use otherix_store::{Batch, Expect, StoreError};
+use otherix_store::{Batch, Expect, StoreError, keys};
 use tonic::{Request, Response, Status};
 
-use super::authn::{api_token_hash_guard, api_token_key};
 use super::{Caller, Identity, is_past, now_ts, user_not_found};
 use crate::store_error::store_error;
 
 const PERMISSION: &str = "api_token:manage";
 
+/// Live API tokens a user may hold unless configured otherwise
+/// (`auth.max_api_tokens_per_user`).
+pub const DEFAULT_MAX_PER_USER: u32 = 50;
+
 /// Serves ApiTokenService.
 #[derive(Debug, Clone)]
 pub struct ApiTokenServiceImpl {
     id: Arc<Identity>,
+    max_per_user: usize,
 }
 
 impl ApiTokenServiceImpl {
     /// A service over the identity state.
     pub fn new(id: Arc<Identity>) -> Self {
-        ApiTokenServiceImpl { id }
+        ApiTokenServiceImpl { id, max_per_user: DEFAULT_MAX_PER_USER as usize }
+    }
+
+    /// The same, with at most `max` live (neither revoked nor expired) tokens per user.
+    pub fn with_max_per_user(mut self, max: u32) -> Self {
+        self.max_per_user = max.max(1) as usize;
+        self
     }
 
     /// The user whose tokens the call is about. Other users' tokens need the
@@ -80,6 +90,29 @@ impl ApiTokenService for ApiTokenServiceImpl {
         if r.expires_at.as_ref().is_some_and(is_past) {
             return Err(ApiError::invalid_field("expires_at", "expires_at must be in the future").into());
         }
+        // A cap on live tokens, so one account cannot fill the store or
+        // hide a planted token among thousands. Counted before the write:
+        // concurrent creates may pass it by the few in flight.
+        let live = self
+            .id
+            .store
+            .list::<ApiTokenRecord>(&keys::api_tokens_of(&user.id))
+            .await
+            .map_err(store_error)?
+            .iter()
+            .filter(|(_, t)| t.value.revoked_at.is_none() && !t.value.expires_at.as_ref().is_some_and(is_past))
+            .count();
+        if live >= self.max_per_user {
+            return Err(ApiError::new(
+                ErrorCode::ResourceInUse,
+                format!(
+                    "user {} holds {live} API tokens, the most allowed (auth.max_api_tokens_per_user); revoke one first",
+                    user.username
+                ),
+            )
+            .with_detail("limit", self.max_per_user as u64)
+            .into());
+        }
         let plaintext = token::generate(API_TOKEN_PREFIX);
         let record = ApiTokenRecord {
             id: uuid::Uuid::now_v7().to_string(),
@@ -93,8 +126,8 @@ impl ApiTokenService for ApiTokenServiceImpl {
             last_used_at: None,
             revoked_at: None,
         };
-        let batch = Batch::new().put(&api_token_key(&user.id, &record.id), &record, Some(Expect::Absent)).put_raw(
-            &api_token_hash_guard(&record.hash),
+        let batch = Batch::new().put(&keys::api_token(&user.id, &record.id), &record, Some(Expect::Absent)).put_raw(
+            &keys::api_token_hash_guard(&record.hash),
             format!("{}/{}", user.id, record.id).into_bytes(),
             Some(Expect::Absent),
         );
@@ -114,7 +147,7 @@ impl ApiTokenService for ApiTokenServiceImpl {
         let mut tokens: Vec<ApiTokenRecord> = self
             .id
             .store
-            .list::<ApiTokenRecord>(&format!("api_tokens/{}/", user.id))
+            .list::<ApiTokenRecord>(&keys::api_tokens_of(&user.id))
             .await
             .map_err(store_error)?
             .into_iter()
@@ -135,7 +168,7 @@ impl ApiTokenService for ApiTokenServiceImpl {
         if uuid::Uuid::parse_str(&r.token_id).is_err() {
             return Err(not_found().into());
         }
-        let key = api_token_key(&user.id, &r.token_id);
+        let key = keys::api_token(&user.id, &r.token_id);
         let stored = self
             .id
             .store

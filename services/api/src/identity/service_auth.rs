@@ -1,9 +1,12 @@
 //! AuthService: login, refresh, logout, signing-key rotation.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use otherix_auth::jwt::{self, Claims};
+use otherix_auth::limiter::Outcome;
+use otherix_auth::password::{HashPool, PoolBusy};
 use otherix_auth::token::{self, REFRESH_TOKEN_PREFIX};
 use otherix_errors::{ApiError, ErrorCode};
 use otherix_proto::otherix::store::v1::{RefreshTokenIndex, SessionRecord, UserRecord};
@@ -12,12 +15,64 @@ use otherix_proto::v1::{
     LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, RefreshRequest, RotateSigningKeyRequest,
     RotateSigningKeyResponse,
 };
-use otherix_store::{Batch, Expect, StoreError};
+use otherix_store::{Batch, Expect, StoreError, keys};
+use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
-use super::authn::session_key;
-use super::{Caller, Identity, is_past, now_secs, now_ts, ts_after, user_key, user_view, verify_password};
+use super::{Caller, Identity, is_past, now_secs, now_ts, ts_after, user_view};
 use crate::store_error::store_error;
+
+fn session_key(user_id: &str, id: &str) -> String {
+    keys::session(user_id, id)
+}
+
+fn user_key(id: &str) -> String {
+    keys::user(id)
+}
+
+/// 429 for a full hashing pool: the password was not checked.
+fn busy(e: PoolBusy) -> ApiError {
+    ApiError::new(ErrorCode::RateLimited, "too many password checks at once; retry shortly")
+        .with_detail("retry_after_seconds", e.retry_after.as_secs().max(1))
+}
+
+/// Hashes a password on the process's hashing pool (bounded threads and
+/// memory; a full pool answers 429).
+pub(crate) async fn hash_password(password: String) -> Result<String, ApiError> {
+    HashPool::global().hash(password).await.map_err(busy)?.map_err(|e| {
+        tracing::error!(error = %e, "password hashing failed");
+        ApiError::internal()
+    })
+}
+
+/// Verifies a password on the hashing pool; a `None` hash spends the same
+/// time and fails. A full pool answers 429.
+pub(crate) async fn verify_password(password: String, phc: Option<String>) -> Result<bool, ApiError> {
+    HashPool::global().verify(password, phc).await.map_err(busy)
+}
+
+/// The limiter key of a source address. IPv6 clients usually hold a whole
+/// /64, so they are counted by it.
+fn source_key(addr: Option<IpAddr>) -> String {
+    match addr.map(|a| a.to_canonical()) {
+        Some(IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(v4) => format!("ip:{v4}"),
+        None => "ip:unknown".into(),
+    }
+}
+
+/// Whether `t` lies at or before `bound` (nanosecond precision).
+pub(crate) fn not_after(t: Option<&Timestamp>, bound: Option<&Timestamp>) -> bool {
+    match (t, bound) {
+        (Some(t), Some(b)) => (t.seconds, t.nanos) <= (b.seconds, b.nanos),
+        // No creation time on record: older than any bound.
+        (None, Some(_)) => true,
+        (_, None) => false,
+    }
+}
 
 /// Serves AuthService.
 #[derive(Debug, Clone)]
@@ -32,24 +87,22 @@ impl AuthServiceImpl {
     }
 }
 
-fn refresh_index_key(hash: &str) -> String {
-    format!("refresh_tokens/{hash}")
-}
-
 fn invalid_refresh() -> ApiError {
     ApiError::new(ErrorCode::Unauthenticated, "invalid or expired refresh token")
 }
 
 impl Identity {
-    /// Opens a session for a user: a refresh token in the store, an access token signed now.
-    async fn open_session(&self, user: &UserRecord) -> Result<LoginResponse, ApiError> {
+    /// Opens a session for a user: a refresh token in the store, an access
+    /// token signed now. `began` is when the login read the user: a reset
+    /// committed after that instant ends this session too.
+    async fn open_session(&self, user: &UserRecord, began: Timestamp) -> Result<LoginResponse, ApiError> {
         let session_id = uuid::Uuid::now_v7().to_string();
         let refresh = token::generate(REFRESH_TOKEN_PREFIX);
         let hash = token::hash(&refresh);
         let session = SessionRecord {
             id: session_id.clone(),
             user_id: user.id.clone(),
-            created_at: Some(now_ts()),
+            created_at: Some(began),
             expires_at: Some(ts_after(self.refresh_ttl)),
             current_token_hash: hash.clone(),
             revoked_at: None,
@@ -71,7 +124,7 @@ impl Identity {
                 lease,
                 expect.or(Some(Expect::Absent)),
             )
-            .put_leased(&refresh_index_key(hash), prost::Message::encode_to_vec(&index), lease, Some(Expect::Absent));
+            .put_leased(&keys::refresh_token(hash), prost::Message::encode_to_vec(&index), lease, Some(Expect::Absent));
         self.store.commit(batch).await.map(|_| ()).map_err(store_error)
     }
 
@@ -115,9 +168,9 @@ impl Identity {
 
 #[tonic::async_trait]
 impl AuthService for AuthServiceImpl {
-    #[tracing::instrument(skip_all, fields(login = tracing::field::Empty))]
+    #[tracing::instrument(skip_all)]
     async fn login(&self, req: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
-        let source = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        let addr = source_key(req.remote_addr().map(|a| a.ip()));
         let r = req.into_inner();
         let (ident, by_email) = match (r.username.trim(), r.email.trim()) {
             ("", "") => return Err(ApiError::invalid_field("username", "give a username or an email").into()),
@@ -128,27 +181,44 @@ impl AuthService for AuthServiceImpl {
         if r.password.is_empty() {
             return Err(ApiError::invalid_field("password", "the password is required").into());
         }
-        tracing::Span::current().record("login", ident.as_str());
-        let account = format!("u:{ident}");
-        let addr = format!("ip:{source}");
-        let keys = [(account.as_str(), 1), (addr.as_str(), 5)];
-        if let Err(wait) = self.id.limiter.check(&keys, Instant::now()) {
-            tracing::warn!(%source, "login refused: too many failed attempts");
-            return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins; try again later")
-                .with_detail("retry_after_seconds", wait.as_secs())
-                .into());
-        }
+        let began = now_ts();
         let user =
             if by_email { self.id.user_by_email(&ident).await? } else { self.id.user_by_username(&ident).await? };
-        let ok = verify_password(r.password, user.as_ref().map(|u| u.value.password_hash.clone())).await;
+        // One bucket per account, whichever name it was reached by; an
+        // unknown identifier gets its own (so guessing names is limited too).
+        let account = match &user {
+            Some(u) => format!("u:{}", u.value.id),
+            None => format!("unknown:{ident}"),
+        };
+        // The identifier is never logged: a password typed into it would land
+        // in the log. A known account is named by its id.
+        let user_id = user.as_ref().map(|u| u.value.id.clone()).unwrap_or_default();
+        // Reserved before the password is checked, so parallel attempts count.
+        let reservation = match self.id.limiter.reserve(&[(account.as_str(), 1), (addr.as_str(), 5)], Instant::now()) {
+            Ok(r) => r,
+            Err(wait) => {
+                tracing::warn!(source = %addr, %user_id, "login refused: too many failed attempts");
+                return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins; try again later")
+                    .with_detail("retry_after_seconds", wait.as_secs().max(1))
+                    .into());
+            }
+        };
+        let ok = match verify_password(r.password, user.as_ref().map(|u| u.value.password_hash.clone())).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.id.limiter.settle(reservation, Outcome::NotTried);
+                tracing::warn!(source = %addr, "login refused: password hashing is saturated");
+                return Err(e.into());
+            }
+        };
         let Some(user) = user.filter(|_| ok) else {
-            self.id.limiter.record_failure(&keys, Instant::now());
-            tracing::info!(%source, "login failed");
+            self.id.limiter.settle(reservation, Outcome::Failed);
+            tracing::info!(source = %addr, %user_id, "login failed");
             return Err(ApiError::new(ErrorCode::InvalidCredentials, "wrong username, email or password").into());
         };
-        self.id.limiter.reset(&account);
-        tracing::info!(user = %user.value.username, %source, "login");
-        Ok(Response::new(self.id.open_session(&user.value).await?))
+        self.id.limiter.settle(reservation, Outcome::Succeeded);
+        tracing::info!(user = %user.value.username, source = %addr, "login");
+        Ok(Response::new(self.id.open_session(&user.value, began).await?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -164,7 +234,7 @@ impl AuthService for AuthServiceImpl {
         let index = self
             .id
             .store
-            .get::<RefreshTokenIndex>(&refresh_index_key(&hash))
+            .get::<RefreshTokenIndex>(&keys::refresh_token(&hash))
             .await
             .map_err(store_error)?
             .ok_or_else(invalid_refresh)?
@@ -187,6 +257,11 @@ impl AuthService for AuthServiceImpl {
             return Err(invalid_refresh().into());
         }
         let user = self.id.user_by_id(&index.user_id).await?.ok_or_else(invalid_refresh)?;
+        // A password reset, a role change or "log out everywhere" after the
+        // session began ends it, even if its record was not yet removed.
+        if not_after(session.value.created_at.as_ref(), user.value.tokens_valid_after.as_ref()) {
+            return Err(ApiError::new(ErrorCode::TokenRevoked, "the session was ended; log in again").into());
+        }
         let refresh = token::generate(REFRESH_TOKEN_PREFIX);
         let new_hash = token::hash(&refresh);
         let next = SessionRecord {
@@ -216,12 +291,8 @@ impl AuthService for AuthServiceImpl {
         let r = req.into_inner();
         let mut revoked = 0;
         if r.all_sessions {
-            let sessions = self
-                .id
-                .store
-                .list::<SessionRecord>(&format!("sessions/{}/", caller.user_id))
-                .await
-                .map_err(store_error)?;
+            let sessions =
+                self.id.store.list::<SessionRecord>(&keys::sessions_of(&caller.user_id)).await.map_err(store_error)?;
             for (_, s) in sessions {
                 if self.id.revoke_session(&caller.user_id, &s.value.id).await? {
                     revoked += 1;
@@ -244,7 +315,7 @@ impl AuthService for AuthServiceImpl {
             let index = self
                 .id
                 .store
-                .get::<RefreshTokenIndex>(&refresh_index_key(&token::hash(&r.refresh_token)))
+                .get::<RefreshTokenIndex>(&keys::refresh_token(&token::hash(&r.refresh_token)))
                 .await
                 .map_err(store_error)?
                 .filter(|i| i.value.user_id == caller.user_id)
