@@ -89,12 +89,36 @@ impl ApiProcess {
     /// Writes a config into `dir` (`extra` is appended YAML, e.g. a `nodes:`
     /// section), starts otherix-api and waits until it is ready.
     pub async fn start(dir: &std::path::Path, extra: &str) -> ApiProcess {
-        let (port, agent_port, client, peer) = (free_port(), free_port(), free_port(), free_port());
+        Self::start_with(dir, "", extra).await
+    }
+
+    /// Like [`ApiProcess::start`], with `server_extra` added under `server:`
+    /// (indented YAML lines, e.g. `  cors:\n    allowed_origins: [...]\n`).
+    pub async fn start_with(dir: &std::path::Path, server_extra: &str, extra: &str) -> ApiProcess {
+        let (port, agent_port) = (free_port(), free_port());
+        let config = dir.join("api.yaml");
+        let text = format!(
+            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\n{server_extra}agent_server:\n  listen: 127.0.0.1:{agent_port}\n\
+             etcd:\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n\
+             logger:\n  level: info\n{extra}",
+            state = dir.join("api-state").display()
+        );
+        std::fs::write(&config, text).expect("write the api config");
+        let log = dir.join("api.log");
+        let process = Self::spawn(&config, &log).await;
+        let api = ApiProcess { process, base: format!("http://127.0.0.1:{port}"), agent_port, config, log };
+        api.wait_ready().await;
+        api
+    }
+
+    /// Starts otherix-api on an external etcd: `etcd_section` is the YAML
+    /// under `etcd:` (indented lines, e.g. `  endpoints: [http://...]\n`).
+    pub async fn start_on_etcd(dir: &std::path::Path, etcd_section: &str) -> ApiProcess {
+        let (port, agent_port) = (free_port(), free_port());
         let config = dir.join("api.yaml");
         let text = format!(
             "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\n\
-             etcd:\n  client_port: {client}\n  peer_port: {peer}\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n\
-             logger:\n  level: info\n{extra}",
+             etcd:\n{etcd_section}logger:\n  level: info\n",
             state = dir.join("api-state").display()
         );
         std::fs::write(&config, text).expect("write the api config");

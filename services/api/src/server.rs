@@ -16,6 +16,7 @@ use otherix_proto::v1::cluster_service_server::ClusterServiceServer;
 use otherix_store::Store;
 use prost_reflect::DescriptorPool;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tower::{Layer, ServiceExt};
 
 use crate::access::AccessTable;
@@ -51,6 +52,19 @@ pub async fn build_router(
     let access = Arc::new(AccessTable::from_pool(&pool).map_err(|e| StartError::Contract(e.into()))?);
     let max = config.server.max_request_bytes;
 
+    // What this listener serves; reflection advertises exactly these, and
+    // any other gRPC service answers unimplemented here.
+    let served: Served = Arc::from(vec![
+        <ClusterServiceServer<ClusterSettingsService> as NamedService>::NAME,
+        <AuthServiceServer<AuthServiceImpl> as NamedService>::NAME,
+        <UserServiceServer<UserServiceImpl> as NamedService>::NAME,
+        <ApiTokenServiceServer<ApiTokenServiceImpl> as NamedService>::NAME,
+        <NodeServiceServer<NodeServiceImpl> as NamedService>::NAME,
+        <EnrolmentServiceServer<EnrolmentServiceImpl> as NamedService>::NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_serving::<ClusterServiceServer<ClusterSettingsService>>().await;
     reporter.set_serving::<AuthServiceServer<AuthServiceImpl>>().await;
@@ -61,11 +75,13 @@ pub async fn build_router(
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_names(&served)
         .build_v1()
         .map_err(|e| StartError::Contract(e.into()))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(otherix_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_names(&served)
         .build_v1alpha()
         .map_err(|e| StartError::Contract(e.into()))?;
 
@@ -98,7 +114,7 @@ pub async fn build_router(
         .layer(axum::middleware::from_fn_with_state(authz, authz::authorize))
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
 
-    let routes = routes_from_pool(&pool, "otherix.").map_err(|e| StartError::Contract(e.into()))?;
+    let routes = served_routes(&pool, "otherix.", &served)?;
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
@@ -115,7 +131,7 @@ pub async fn build_router(
         .with_state(store);
     let cors = otherix_gateway::cors::Cors::new(&config.server.cors.allowed_origins)
         .map_err(|e| StartError::Contract(e.into()))?;
-    Ok(health_routes.fallback_service(dispatch(grpc, gateway)).layer(otherix_gateway::cors::CorsLayer::new(cors)))
+    Ok(health_routes.fallback_service(dispatch(grpc, gateway, served)).layer(otherix_gateway::cors::CorsLayer::new(cors)))
 }
 
 /// The router while otherix-api starts: `/healthz`, a 503 `/readyz`, and
@@ -148,15 +164,50 @@ pub fn switch(current: Arc<std::sync::RwLock<axum::Router>>) -> axum::Router {
     }))
 }
 
+/// The gRPC services one listener serves, by full name.
+type Served = Arc<[&'static str]>;
+
+/// Reflection listing only `served` (tonic lists every registered file's
+/// services otherwise).
+trait WithServiceNames: Sized {
+    fn with_service_names(self, served: &Served) -> Self;
+}
+
+impl WithServiceNames for tonic_reflection::server::Builder<'_> {
+    fn with_service_names(self, served: &Served) -> Self {
+        served.iter().fold(self, |b, name| b.with_service_name(*name))
+    }
+}
+
+/// The REST routes of the RPCs a listener serves.
+fn served_routes(
+    pool: &DescriptorPool,
+    prefix: &str,
+    served: &Served,
+) -> Result<Vec<otherix_gateway::Route>, StartError> {
+    let mut routes = routes_from_pool(pool, prefix).map_err(|e| StartError::Contract(e.into()))?;
+    routes.retain(|r| served.contains(&r.method().parent_service().full_name()));
+    Ok(routes)
+}
+
+/// The service part of a gRPC path: `otherix.v1.UserService` of
+/// `/otherix.v1.UserService/GetMe`.
+fn grpc_service(path: &str) -> &str {
+    path.trim_start_matches('/').split('/').next().unwrap_or_default()
+}
+
 /// Routes what no explicit route took: gRPC and grpc-web by content type to
-/// the gRPC router, `/v1/...` to the REST gateway, anything else to a JSON 404.
+/// the gRPC router (services this listener does not serve answer
+/// unimplemented before any authentication), `/v1/...` to the REST gateway,
+/// anything else to a JSON 404.
 fn dispatch(
     grpc: axum::Router,
     gateway: Gateway,
+    served: Served,
 ) -> impl tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone + Send + 'static
 {
     tower::service_fn(move |req: Request<Body>| {
-        let (grpc, gateway) = (grpc.clone(), gateway.clone());
+        let (grpc, gateway, served) = (grpc.clone(), gateway.clone(), served.clone());
         async move {
             let ct = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let is_grpc = ct.starts_with("application/grpc");
@@ -170,6 +221,16 @@ fn dispatch(
                 .with_detail("content_type", ct);
                 let mut resp = error_response(&e);
                 resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("3"));
+                resp
+            } else if is_grpc && !served.contains(&grpc_service(req.uri().path())) {
+                let status = tonic::Status::unimplemented(format!(
+                    "{} is not served on this listener",
+                    grpc_service(req.uri().path())
+                ));
+                let mut resp = status.into_http::<Body>();
+                if ct.starts_with("application/grpc-web") {
+                    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_str(ct).unwrap_or_else(|_| http::HeaderValue::from_static("application/grpc-web+proto")));
+                }
                 resp
             } else if is_grpc {
                 grpc.oneshot(req).await.unwrap_or_else(|never| match never {})
@@ -217,7 +278,11 @@ pub async fn agent_listener(
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(agent_authz.clone(), authz::authorize))
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
-    let routes = routes_from_pool(&pool, "otherix.agent.").map_err(|e| StartError::Contract(e.into()))?;
+    let served: Served = Arc::from(vec![
+        <EnrolmentServiceServer<EnrolmentServiceImpl> as NamedService>::NAME,
+        <HeartbeatServiceServer<HeartbeatServiceImpl> as NamedService>::NAME,
+    ]);
+    let routes = served_routes(&pool, "otherix.agent.", &served)?;
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
@@ -227,7 +292,7 @@ pub async fn agent_listener(
         },
     )
     .with_authorizer(Arc::new(agent_authz));
-    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway));
+    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway, served));
     Ok((listener, Arc::new(tls), app))
 }
 
