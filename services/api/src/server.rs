@@ -131,7 +131,9 @@ pub async fn build_router(
         .with_state(store);
     let cors = otherix_gateway::cors::Cors::new(&config.server.cors.allowed_origins)
         .map_err(|e| StartError::Contract(e.into()))?;
-    Ok(health_routes.fallback_service(dispatch(grpc, gateway, served)).layer(otherix_gateway::cors::CorsLayer::new(cors)))
+    Ok(health_routes
+        .fallback_service(dispatch(grpc, gateway, served))
+        .layer(otherix_gateway::cors::CorsLayer::new(cors)))
 }
 
 /// The router while otherix-api starts: `/healthz`, a 503 `/readyz`, and
@@ -229,7 +231,11 @@ fn dispatch(
                 ));
                 let mut resp = status.into_http::<Body>();
                 if ct.starts_with("application/grpc-web") {
-                    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_str(ct).unwrap_or_else(|_| http::HeaderValue::from_static("application/grpc-web+proto")));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_str(ct)
+                            .unwrap_or_else(|_| http::HeaderValue::from_static("application/grpc-web+proto")),
+                    );
                 }
                 resp
             } else if is_grpc {
@@ -292,7 +298,8 @@ pub async fn agent_listener(
         },
     )
     .with_authorizer(Arc::new(agent_authz));
-    let app = axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway, served));
+    let app =
+        axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway, served));
     Ok((listener, Arc::new(tls), app))
 }
 

@@ -87,3 +87,37 @@ async fn get_default_pool_via_reflection() {
     let first = resp.message().await.unwrap().unwrap();
     assert!(format!("{first:?}").contains("otherix.v1.ClusterService"));
 }
+
+#[tokio::test]
+async fn the_public_port_advertises_and_serves_only_its_own_services() {
+    let h = Harness::start().await;
+    let channel = h.grpc_channel().await;
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(channel.clone(), MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("not a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.clone()).collect();
+    for absent in ["otherix.agent.v1.VmRuntimeService", "otherix.agent.v1.HeartbeatService"] {
+        assert!(!names.contains(&absent.to_owned()), "{absent} advertised: {names:?}");
+    }
+    for present in ["otherix.v1.UserService", "otherix.agent.v1.EnrolmentService", "grpc.health.v1.Health"] {
+        assert!(names.contains(&present.to_owned()), "{present} missing: {names:?}");
+    }
+
+    // Calls to the agent-side services answer unimplemented, even with a token.
+    let pool = DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).unwrap();
+    for (service, method) in
+        [("otherix.agent.v1.VmRuntimeService", "ListVms"), ("otherix.agent.v1.HeartbeatService", "Heartbeat")]
+    {
+        let m = pool.get_service_by_name(service).unwrap().methods().find(|m| m.name() == method);
+        let m = m.unwrap_or_else(|| pool.get_service_by_name(service).unwrap().methods().next().unwrap());
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path: http::uri::PathAndQuery = format!("/{service}/{}", m.name()).parse().unwrap();
+        let mut req = tonic::Request::new(DynamicMessage::new(m.input()));
+        req.metadata_mut().insert("authorization", format!("Bearer {}", h.admin_token).parse().unwrap());
+        let err = grpc.unary(req, path, DynamicCodec(m.clone())).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{service}: {err:?}");
+    }
+}
