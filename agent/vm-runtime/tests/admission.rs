@@ -158,3 +158,36 @@ async fn memory_is_admitted_against_what_other_vms_hold() {
     let first = env.rt.get_task("mem-1", Duration::ZERO).await.unwrap();
     assert_eq!(first.state, TaskState::Running as i32, "the first create ended early: {first:?}");
 }
+
+#[tokio::test]
+async fn starting_a_stopped_vm_is_admitted_against_what_others_hold() {
+    let _slot = otherix_agent_testkit::vm_slots(1);
+    let image = otherix_agent_testkit::test_image();
+    let mut routes = HashMap::new();
+    routes.insert("/images/slow.qcow2".to_string(), Route::Slow(image.qcow2(), Duration::from_secs(30)));
+    let env = env_with("adm-start", routes, |_| {}).await;
+    let host = env.rt.host_limits().memory_mib;
+    // A small VM runs, then is powered off: it holds no memory.
+    let a = new_id();
+    let mut small = spec("small", &env.http.url("/images/test.qcow2"));
+    small.memory_mib = 256;
+    let t = env.rt.create_vm(create_req("s-1", &a, small)).await.unwrap();
+    common::assert_ok(&finish(&env.rt, t).await);
+    let t = env.rt.poweroff_vm("s-2", &a).await.unwrap();
+    common::assert_ok(&finish(&env.rt, t).await);
+    // A big create takes nearly all of the host's memory while it downloads.
+    let mut big = spec("big", &env.http.url("/images/slow.qcow2"));
+    big.memory_mib = host - 200;
+    env.rt.create_vm(create_req("s-3", &new_id(), big)).await.unwrap();
+    otherix_agent_testkit::wait_for("the big create to hold its memory", Duration::from_secs(20), || async {
+        let t = env.rt.get_task("s-3", Duration::ZERO).await.ok()?;
+        (t.progress.as_ref()?.step == "image").then_some(())
+    })
+    .await;
+    // Starting the small VM again would exceed what is left.
+    let t = env.rt.start_vm("s-4", &a).await.unwrap();
+    let t = finish(&env.rt, t).await;
+    assert_failed(&t, "insufficient_resources");
+    assert!(message(&t).contains("256 MiB of memory requested, 200 MiB available"), "{t:?}");
+    assert!(common::qemu_pids(&a).is_empty(), "a QEMU was started for a refused start");
+}
