@@ -2,7 +2,8 @@
 //! to metadata, loopback and link-local addresses (directly, by name and by
 //! redirect), `file://` outside `images.file_dir` (a symlink escaping it, a
 //! FIFO), a disk larger than the pool's free space, and memory beyond what the
-//! host has left once the VMs it holds are counted. No VM boots here.
+//! host has left once the VMs it holds are counted, at create and at start. One
+//! test starts a QEMU (and powers it off); the others never reach QEMU.
 
 mod common;
 
