@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tracing::{Instrument as _, debug, info_span};
 
-use crate::error::{BootstrapError, chain, extend_chain};
+use crate::error::{BootstrapError, chain, extend_chain, identity_refusal};
 use crate::transport::{
     CpUrl, host_architecture, normalize_architecture, parse_cp_url, pinned_endpoint, unverified_channel,
 };
@@ -395,7 +395,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> Result<BootstrapOutcome, Boot
                 .map_err(|e| BootstrapError::Protocol(format!("join: {}", chain(&e))))?
                 .connect()
                 .await
-                .map_err(|e| BootstrapError::Protocol(format!("join: connect {cp}: {}", chain(&e))))?;
+                .map_err(|e| match identity_refusal(&e) {
+                    Some(identity) => BootstrapError::NotControlPlane { cp: cp.to_string(), identity },
+                    None => BootstrapError::Protocol(format!("join: connect {cp}: {}", chain(&e))),
+                })?;
             let req = JoinRequest {
                 token,
                 csr_pem,

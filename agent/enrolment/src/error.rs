@@ -45,6 +45,16 @@ pub enum BootstrapError {
     #[error("bootstrap protocol: {0}")]
     Protocol(String),
 
+    /// The server at `bootstrap.cp_url` presented a certificate from the cluster CA that is
+    /// not the control plane's (a node's, for instance): the join token was not sent.
+    #[error("bootstrap: the server at {cp} is {identity}; the join token was not sent to it")]
+    NotControlPlane {
+        /// The control plane URL.
+        cp: String,
+        /// What the certificate was instead.
+        identity: otherix_pki::IdentityError,
+    },
+
     /// The control plane refused the join with a documented code.
     #[error("bootstrap protocol: CSR submission rejected by CP: HTTP {http_status} {}{}", code.as_str(), fmt_message(message))]
     JoinRejected {
@@ -123,4 +133,24 @@ pub(crate) fn extend_chain(mut out: String, source: Option<&(dyn std::error::Err
         cur = e.source();
     }
     out
+}
+
+/// The identity refusal inside a failed TLS connection, if that is why it failed: a peer
+/// certificate that chains to the CA but is not the identity the connection requires.
+pub(crate) fn identity_refusal(err: &(dyn std::error::Error + 'static)) -> Option<otherix_pki::IdentityError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) = tls
+            && let Some(id) = other.0.downcast_ref::<otherix_pki::IdentityError>()
+        {
+            return Some(id.clone());
+        }
+        cur = e.source();
+    }
+    None
 }

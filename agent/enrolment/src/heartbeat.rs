@@ -18,7 +18,7 @@ use tonic::transport::Endpoint;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::bootstrap::{Material, is_transport_status, status_text};
-use crate::error::{BootstrapError, chain};
+use crate::error::{BootstrapError, chain, identity_refusal};
 use crate::facts::{FactsConfig, HostFacts};
 use crate::pools::DirPools;
 use crate::transport::{CpUrl, parse_cp_url, pinned_endpoint};
@@ -124,6 +124,15 @@ pub enum HeartbeatError {
         cp: String,
         /// The cause.
         cause: String,
+    },
+    /// The server presented a cluster certificate that is not the control plane's (a node's,
+    /// for instance): nothing was sent to it.
+    #[error("the server at {cp} is {identity}; nothing was sent to it")]
+    NotControlPlane {
+        /// The control plane URL.
+        cp: String,
+        /// What the certificate was instead.
+        identity: otherix_pki::IdentityError,
     },
     /// The control plane refused this node (deleted node, revoked cert, gone node):
     /// permanent until an operator acts.
@@ -372,6 +381,11 @@ impl HeartbeatClient {
                         let advice = err.advice();
                         span.in_scope(|| error!(error = %err, retry_in = ?delay, "heartbeat refused: {advice}"));
                         delay
+                    } else if matches!(err, HeartbeatError::NotControlPlane { .. }) {
+                        // A misrouted URL or an impostor: loud, but it may be fixed without us.
+                        let delay = backoff.next_delay();
+                        span.in_scope(|| error!(error = %err, retry_in = ?delay, "heartbeat connection refused: not the control plane"));
+                        delay
                     } else {
                         let delay = backoff.next_delay();
                         span.in_scope(|| warn!(error = %err, retry_in = ?delay, "heartbeat connection failed"));
@@ -409,7 +423,13 @@ impl HeartbeatClient {
         let channel = tokio::select! {
             c = self.endpoint.connect() => match c {
                 Ok(c) => c,
-                Err(e) => return failed(HeartbeatError::Connect { cp: self.cp.to_string(), cause: chain(&e) }, false),
+                Err(e) => {
+                    let err = match identity_refusal(&e) {
+                        Some(identity) => HeartbeatError::NotControlPlane { cp: self.cp.to_string(), identity },
+                        None => HeartbeatError::Connect { cp: self.cp.to_string(), cause: chain(&e) },
+                    };
+                    return failed(err, false);
+                }
             },
             () = shutdown.as_mut() => return SessionEnd::Shutdown,
         };

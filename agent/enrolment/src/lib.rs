@@ -2,13 +2,16 @@
 //!
 //! - [`bootstrap`]: fetches the cluster CA from the control plane's agent listener over TLS
 //!   *without* verifying the server, compares the sha256 of its DER with the pinned
-//!   fingerprint, then joins over a connection that trusts only that CA, with a join token
-//!   and a fresh key and CSR; checks the returned certificate (chains to the pinned CA,
+//!   fingerprint, then joins over a connection that accepts only a server certificate from
+//!   that CA with the control-plane identity (never a node's, whatever host name it holds),
+//!   with a join token and a fresh key and CSR; checks the returned certificate (chains to the pinned CA,
 //!   names this node, carries our key) and writes `ca.crt`, `agent.key` (0600) and
 //!   `agent.crt` atomically into the cert dir (0700), the certificate last.
 //! - [`load_material`]: reads and checks that material for `serve`.
 //! - [`HostFacts`]: what the heartbeat reports about the host, with capacity caps.
-//! - [`HeartbeatClient`]: the mTLS heartbeat stream, with reconnects and backoff.
+//! - [`HeartbeatClient`]: the mTLS heartbeat stream (same server check), with reconnects and
+//!   backoff, and a slow retry once the control plane refuses this node's certificate.
+//! - [`confine_pool_path`]: declared pool paths stay inside the agent's pool root.
 //!
 //! The log lines of the seed's troubleshooting table are the `Display` forms of
 //! [`BootstrapError`] (`bootstrap: CA fingerprint mismatch (expected sha256:… got sha256:…)`,

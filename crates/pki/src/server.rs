@@ -62,6 +62,8 @@ pub struct CachedServerCert {
     pub cert: IssuedCert,
     /// True when the files in the directory were reused, false when a new cert was issued.
     pub reused: bool,
+    /// Why the cached certificate was not reused (`None` when reused or when there was none).
+    pub reissued_because: Option<&'static str>,
 }
 
 /// The SANs a replica cert needs: localhost, 127.0.0.1, the hostname, the non-wildcard listen
@@ -182,8 +184,13 @@ pub fn load_or_issue_server_cert(
     ensure_dir(dir, 0o700)?;
     let cert_path = dir.join(CP_CERT_FILE);
     let key_path = dir.join(CP_KEY_FILE);
-    if let (Some(cert_pem), Some(key_pem)) = (read_optional(&cert_path)?, read_optional(&key_path)?)
-        && reuse_problem(ca, &cert_pem, &key_pem, &wanted).is_none()
+    let cached = (read_optional(&cert_path)?, read_optional(&key_path)?);
+    let problem = match &cached {
+        (Some(cert_pem), Some(key_pem)) => reuse_problem(ca, cert_pem, key_pem, &wanted),
+        _ => None,
+    };
+    if let (Some(cert_pem), Some(key_pem)) = cached
+        && problem.is_none()
     {
         // Tighten the key's mode in case it was loosened by hand.
         use std::os::unix::fs::PermissionsExt;
@@ -200,13 +207,14 @@ pub fn load_or_issue_server_cert(
                 not_after: info.not_after,
             },
             reused: true,
+            reissued_because: None,
         });
     }
     let cert = ca.issue_server_cert(sans, validity)?;
     // Key first: a crash between the renames leaves a mismatched pair, which is reissued.
     write_file_atomic(&key_path, cert.key_pem.as_bytes(), 0o600)?;
     write_file_atomic(&cert_path, cert.cert_pem.as_bytes(), 0o644)?;
-    Ok(CachedServerCert { cert, reused: false })
+    Ok(CachedServerCert { cert, reused: false, reissued_because: problem })
 }
 
 #[cfg(test)]
@@ -349,6 +357,7 @@ mod tests {
         );
         let renewed = load_or_issue_server_cert(&dir, &ca, &more, year).unwrap();
         assert!(!renewed.reused);
+        assert_eq!(renewed.reissued_because, Some("lacks the control-plane identity"));
         assert_eq!(cert_info(&renewed.cert.cert_pem).unwrap().uris, [CP_IDENTITY_URI]);
         assert!(load_or_issue_server_cert(&dir, &ca, &more, year).unwrap().reused);
 
