@@ -99,10 +99,10 @@ async fn an_invalid_config_names_the_key_and_exits_non_zero() {
         .arg("--config")
         .arg(&path)
         .env("OTHERIX_SERVER__LISTEN", "127.0.0.1:1")
-        .env("OTHERIX_ETCD__CLIENT_PORT", "many")
+        .env("OTHERIX_ETCD__REQUEST_TIMEOUT_SECONDS", "many")
         .arg("--check-config")
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.client_port"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd.request_timeout_seconds"));
 }

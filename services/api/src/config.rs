@@ -192,10 +192,9 @@ pub struct EtcdConfig {
     pub name: String,
     /// The member's data dir; empty means `<state_dir>/etcd`.
     pub data_dir: PathBuf,
-    /// Loopback client port of the member.
-    pub client_port: u16,
-    /// Loopback peer port of the member.
-    pub peer_port: u16,
+    /// The directory (mode 0700) holding the member's Unix sockets; empty
+    /// means `<state_dir>/run/etcd`. The member opens no TCP port.
+    pub socket_dir: PathBuf,
     /// Backend quota; past it etcd raises a NOSPACE alarm that `/readyz` shows.
     pub quota_backend_bytes: u64,
     /// Periodic auto-compaction retention, e.g. `1h`.
@@ -208,6 +207,38 @@ pub struct EtcdConfig {
     pub request_timeout_seconds: u64,
     /// How long to wait for the member to become healthy, in seconds.
     pub start_timeout_seconds: u64,
+    /// TLS towards an external cluster.
+    pub tls: EtcdTlsConfig,
+    /// etcd user of an external cluster with authentication on; empty: none.
+    pub username: String,
+    /// File holding that user's password (mode 0600 or stricter).
+    pub password_file: PathBuf,
+    /// Encryption of secrets stored in etcd (the cluster CA key, the signing keys).
+    pub encryption: EtcdEncryptionConfig,
+}
+
+/// TLS towards an external etcd cluster (every endpoint `https://`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// The CA that signed etcd's server certificates; required with `https://` endpoints.
+    pub ca_file: PathBuf,
+    /// Client certificate, for etcd's `--client-cert-auth`; empty: none.
+    pub cert_file: PathBuf,
+    /// The client certificate's private key.
+    pub key_file: PathBuf,
+}
+
+/// The key that seals secrets stored in etcd, held outside etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdEncryptionConfig {
+    /// The current key: 32 random bytes, mode 0600. Empty means
+    /// `<state_dir>/secrets/etcd-encryption.key`, created on first start.
+    pub key_file: PathBuf,
+    /// Earlier keys, still read during a rotation; secrets sealed with them
+    /// are sealed again with the current key at start.
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 /// Log output.
@@ -275,14 +306,17 @@ impl Default for EtcdConfig {
             binary: PathBuf::from("etcd"),
             name: "otherix-api".into(),
             data_dir: PathBuf::new(),
-            client_port: 2379,
-            peer_port: 2380,
+            socket_dir: PathBuf::new(),
             quota_backend_bytes: 2 * 1024 * 1024 * 1024,
             auto_compaction_retention: "1h".into(),
             heartbeat_interval_ms: 100,
             election_timeout_ms: 1000,
             request_timeout_seconds: 5,
             start_timeout_seconds: 30,
+            tls: EtcdTlsConfig::default(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            encryption: EtcdEncryptionConfig::default(),
         }
     }
 }
@@ -339,10 +373,8 @@ impl Config {
                 return Err(key_err(&format!("etcd.endpoints[{i}]"), format!("{e:?} is not an http(s) URL")));
             }
         }
+        self.validate_etcd_access()?;
         if self.etcd.endpoints.is_empty() {
-            if self.etcd.client_port == 0 || self.etcd.peer_port == 0 || self.etcd.client_port == self.etcd.peer_port {
-                return Err(key_err("etcd.peer_port", "client_port and peer_port must be distinct and non-zero"));
-            }
             if self.etcd.name.is_empty() || !self.etcd.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 return Err(key_err("etcd.name", "must be letters, digits and '-'"));
             }
@@ -418,6 +450,95 @@ impl Config {
     pub fn etcd_data_dir(&self) -> PathBuf {
         if self.etcd.data_dir.as_os_str().is_empty() { self.state_dir.join("etcd") } else { self.etcd.data_dir.clone() }
     }
+
+    /// The embedded member's socket directory.
+    pub fn etcd_socket_dir(&self) -> PathBuf {
+        if self.etcd.socket_dir.as_os_str().is_empty() {
+            self.state_dir.join("run").join("etcd")
+        } else {
+            self.etcd.socket_dir.clone()
+        }
+    }
+
+    /// The file holding the current secrets-at-rest key.
+    pub fn etcd_encryption_key_file(&self) -> PathBuf {
+        let k = &self.etcd.encryption.key_file;
+        if k.as_os_str().is_empty() { self.state_dir.join("secrets").join("etcd-encryption.key") } else { k.clone() }
+    }
+
+    /// TLS, credentials and endpoints of an external cluster: consistent, and
+    /// the files there.
+    fn validate_etcd_access(&self) -> Result<(), ConfigError> {
+        let e = &self.etcd;
+        let external = !e.endpoints.is_empty();
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let only_external = "applies to an external etcd only (set etcd.endpoints)";
+        for (key, file) in [
+            ("etcd.tls.ca_file", &e.tls.ca_file),
+            ("etcd.tls.cert_file", &e.tls.cert_file),
+            ("etcd.tls.key_file", &e.tls.key_file),
+        ] {
+            if set(file) {
+                if !external {
+                    return Err(key_err(key, only_external));
+                }
+                if !file.is_file() {
+                    return Err(key_err(key, format!("{} is not a readable file", file.display())));
+                }
+            }
+        }
+        if set(&e.tls.cert_file) != set(&e.tls.key_file) {
+            return Err(key_err("etcd.tls.key_file", "cert_file and key_file go together"));
+        }
+        if set(&e.tls.key_file) {
+            secret_file_mode("etcd.tls.key_file", &e.tls.key_file)?;
+        }
+        let tls = set(&e.tls.ca_file);
+        if set(&e.tls.cert_file) && !tls {
+            return Err(key_err("etcd.tls.ca_file", "a client certificate needs the CA of etcd's server certificates"));
+        }
+        for (i, url) in e.endpoints.iter().enumerate() {
+            let https = url.starts_with("https://");
+            if https != tls {
+                let msg = if https {
+                    "an https:// endpoint needs etcd.tls.ca_file"
+                } else {
+                    "with etcd.tls.ca_file set every endpoint must be https://"
+                };
+                return Err(key_err(&format!("etcd.endpoints[{i}]"), msg));
+            }
+        }
+        if e.username.is_empty() == set(&e.password_file) {
+            return Err(key_err("etcd.password_file", "username and password_file go together"));
+        }
+        if !e.username.is_empty() {
+            if !external {
+                return Err(key_err("etcd.username", only_external));
+            }
+            if !e.password_file.is_file() {
+                return Err(key_err(
+                    "etcd.password_file",
+                    format!("{} is not a readable file", e.password_file.display()),
+                ));
+            }
+            secret_file_mode("etcd.password_file", &e.password_file)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a secret file that other users can read or write.
+fn secret_file_mode(key: &str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        std::fs::metadata(path).map_err(|e| key_err(key, format!("{}: {e}", path.display())))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(key_err(
+            key,
+            format!("{} is accessible to other users (mode {:o}); chmod 600 it", path.display(), mode & 0o777),
+        ));
+    }
+    Ok(())
 }
 
 fn tracing_subscriber_filter_ok(level: &str) -> Result<(), ()> {
@@ -455,7 +576,7 @@ mod tests {
 
     #[test]
     fn yaml_and_env_overrides_nest_with_double_underscore() {
-        let f = file("server:\n  listen: 127.0.0.1:9000\netcd:\n  client_port: 3000\n");
+        let f = file("server:\n  listen: 127.0.0.1:9000\netcd:\n  request_timeout_seconds: 7\n");
         let c = Config::load(
             Some(f.path()),
             env(&[
@@ -469,7 +590,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:9100");
-        assert_eq!(c.etcd.client_port, 3000);
+        assert_eq!(c.etcd.request_timeout_seconds, 7);
         assert_eq!(c.etcd.endpoints.len(), 2);
         assert_eq!(c.logger.format, LogFormat::Json);
     }
@@ -480,7 +601,11 @@ mod tests {
         let cases: &[Case] = &[
             ("server:\n  listne: x\n", &[], "server"),
             ("server:\n  listen: nowhere\n", &[], "server.listen"),
-            ("etcd:\n  client_port: lots\n", &[], "etcd.client_port"),
+            ("etcd:\n  request_timeout_seconds: lots\n", &[], "etcd.request_timeout_seconds"),
+            ("etcd:\n  client_port: 2379\n", &[], "etcd"),
+            ("etcd:\n  username: otherix\n", &[], "etcd.password_file"),
+            ("etcd:\n  tls:\n    ca_file: /nonexistent.pem\n", &[], "etcd.tls.ca_file"),
+            ("", &[("OTHERIX_ETCD__ENDPOINTS", "[https://10.0.0.1:2379]")], "etcd.endpoints[0]"),
             ("logger:\n  format: xml\n", &[], "logger.format"),
             ("", &[("OTHERIX_SERVER__MAX_REQUEST_BYTES", "12")], "server.max_request_bytes"),
             ("", &[("OTHERIX_ETCD__ENDPOINTS", "[ftp://x]")], "etcd.endpoints[0]"),
@@ -533,6 +658,39 @@ mod tests {
         let c = Config::load(Some(dev), Vec::new()).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8080");
         assert_eq!(c.etcd_data_dir(), PathBuf::from(".local/etcd"));
+    }
+
+    #[test]
+    fn external_etcd_tls_and_credentials_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = |name: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "x").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p.display().to_string()
+        };
+        let (ca, cert, key, pw) = (f("ca.pem", 0o644), f("c.pem", 0o644), f("c.key", 0o600), f("pw", 0o600));
+        let loose = f("loose", 0o644);
+        let base = format!(
+            "etcd:\n  endpoints: [https://10.0.0.1:2379]\n  tls:\n    ca_file: {ca}\n    cert_file: {cert}\n    key_file: {key}\n  username: otherix\n  password_file: {pw}\n"
+        );
+        let c = Config::load(Some(file(&base).path()), Vec::new()).unwrap();
+        assert_eq!(c.etcd.username, "otherix");
+        // The password is not in the config, so not in its Debug either.
+        assert!(!format!("{c:?}").contains("hunter"));
+        let cases: &[(String, &str)] = &[
+            (base.replace(&pw, &loose), "etcd.password_file"),
+            (base.replace(&key, &loose), "etcd.tls.key_file"),
+            (base.replace(&format!("    key_file: {key}\n"), ""), "etcd.tls.key_file"),
+            (base.replace("https://", "http://"), "etcd.endpoints[0]"),
+            (base.replace("  endpoints: [https://10.0.0.1:2379]\n", ""), "etcd.tls.ca_file"),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::load(Some(file(yaml).path()), Vec::new()).unwrap_err();
+            let ConfigError::Key { key: got, message } = &err else { panic!("{yaml}: {err}") };
+            assert_eq!(got, want, "{yaml}: {message}");
+        }
     }
 
     #[test]

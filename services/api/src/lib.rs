@@ -118,7 +118,7 @@ impl ApiServer {
         let supervisor = otherix_supervisor::Supervisor::new();
         let prepared = async {
             // From here on the store seals and opens secrets at rest.
-            let store = secrets_at_rest::open(&config, store.clone()).await?;
+            let store = Box::pin(secrets_at_rest::open(&config, store.clone())).await?;
             let identity =
                 std::sync::Arc::new(identity::Identity::new(store.clone(), &config.auth, supervisor.token()));
             prepare_identity(&identity, &options).await?;

@@ -6,6 +6,12 @@
 //! random. The same thread waits on the child and restarts it with backoff.
 //! A pidfile next to the data dir lets the next start find a member left
 //! behind by a `kill -9`ed control plane and stop it before starting anew.
+//!
+//! The product's member listens on Unix sockets only ([`Listen::Unix`]), in a
+//! directory of mode 0700: no TCP port is open, and only the control plane's
+//! user (and root) can connect. etcd has no authentication of its own in this
+//! set-up, so the directory's mode is the access control. Tests may use
+//! loopback TCP ([`Listen::Loopback`]).
 
 #![allow(unsafe_code)] // pre_exec, prctl, kill: the process plumbing this crate exists for.
 
@@ -19,6 +25,46 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+/// The client socket's name inside the socket directory. etcd 3.4 accepts
+/// only `unix://host:port` and creates the socket under that name in its
+/// working directory, so the name has to look like `host:port`.
+pub const CLIENT_SOCKET: &str = "client.sock:0";
+/// The peer socket's name inside the socket directory.
+pub const PEER_SOCKET: &str = "peer.sock:0";
+
+/// Where the member listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// Unix sockets ([`CLIENT_SOCKET`], [`PEER_SOCKET`]) in this directory,
+    /// which is created or chmodded to 0700 and becomes etcd's working directory.
+    Unix(PathBuf),
+    /// Plain HTTP on 127.0.0.1: any local user can connect. For tests only.
+    Loopback {
+        /// The client port.
+        client_port: u16,
+        /// The peer port.
+        peer_port: u16,
+    },
+}
+
+/// How a client reaches the member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEndpoint {
+    /// A Unix socket at this absolute path.
+    Unix(PathBuf),
+    /// An `http://` URL.
+    Http(String),
+}
+
+impl std::fmt::Display for ClientEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientEndpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            ClientEndpoint::Http(u) => f.write_str(u),
+        }
+    }
+}
+
 /// How to run the member.
 #[derive(Debug, Clone)]
 pub struct MemberConfig {
@@ -28,10 +74,8 @@ pub struct MemberConfig {
     pub name: String,
     /// The data directory (created if missing, mode 0700).
     pub data_dir: PathBuf,
-    /// Where clients connect, e.g. `http://127.0.0.1:2379`.
-    pub client_url: String,
-    /// Where peers connect, e.g. `http://127.0.0.1:2380`.
-    pub peer_url: String,
+    /// Where it listens for clients and peers.
+    pub listen: Listen,
     /// The backend quota in bytes; past it etcd raises a NOSPACE alarm.
     pub quota_backend_bytes: u64,
     /// Periodic auto-compaction retention, e.g. `1h`.
@@ -47,14 +91,24 @@ pub struct MemberConfig {
 }
 
 impl MemberConfig {
-    /// A member named `name` with its data in `data_dir` on the given loopback ports.
+    /// A member named `name` with its data in `data_dir` on the given loopback
+    /// ports (reachable by every local user: tests only).
     pub fn new(name: &str, data_dir: &Path, client_port: u16, peer_port: u16) -> Self {
+        Self::with_listen(name, data_dir, Listen::Loopback { client_port, peer_port })
+    }
+
+    /// A member named `name` with its data in `data_dir`, listening on Unix
+    /// sockets in `socket_dir` only.
+    pub fn unix(name: &str, data_dir: &Path, socket_dir: &Path) -> Self {
+        Self::with_listen(name, data_dir, Listen::Unix(socket_dir.to_owned()))
+    }
+
+    fn with_listen(name: &str, data_dir: &Path, listen: Listen) -> Self {
         MemberConfig {
             binary: PathBuf::from("etcd"),
             name: name.to_owned(),
             data_dir: data_dir.to_owned(),
-            client_url: format!("http://127.0.0.1:{client_port}"),
-            peer_url: format!("http://127.0.0.1:{peer_port}"),
+            listen,
             quota_backend_bytes: 2 * 1024 * 1024 * 1024,
             auto_compaction_retention: "1h".to_owned(),
             heartbeat_interval_ms: 100,
@@ -71,15 +125,40 @@ impl MemberConfig {
         self.data_dir.with_file_name(name)
     }
 
+    /// The URL etcd is told to serve clients on.
+    pub fn client_url(&self) -> String {
+        match &self.listen {
+            Listen::Unix(_) => format!("unix://{CLIENT_SOCKET}"),
+            Listen::Loopback { client_port, .. } => format!("http://127.0.0.1:{client_port}"),
+        }
+    }
+
+    /// The URL etcd is told to serve peers on.
+    pub fn peer_url(&self) -> String {
+        match &self.listen {
+            Listen::Unix(_) => format!("unix://{PEER_SOCKET}"),
+            Listen::Loopback { peer_port, .. } => format!("http://127.0.0.1:{peer_port}"),
+        }
+    }
+
+    /// Where a client connects.
+    pub fn client_endpoint(&self) -> ClientEndpoint {
+        match &self.listen {
+            Listen::Unix(dir) => ClientEndpoint::Unix(dir.join(CLIENT_SOCKET)),
+            Listen::Loopback { .. } => ClientEndpoint::Http(self.client_url()),
+        }
+    }
+
     fn args(&self) -> Vec<String> {
+        let (client_url, peer_url) = (self.client_url(), self.peer_url());
         vec![
             format!("--name={}", self.name),
             format!("--data-dir={}", self.data_dir.display()),
-            format!("--listen-client-urls={}", self.client_url),
-            format!("--advertise-client-urls={}", self.client_url),
-            format!("--listen-peer-urls={}", self.peer_url),
-            format!("--initial-advertise-peer-urls={}", self.peer_url),
-            format!("--initial-cluster={}={}", self.name, self.peer_url),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={}={peer_url}", self.name),
             "--initial-cluster-state=new".to_owned(),
             format!("--quota-backend-bytes={}", self.quota_backend_bytes),
             "--auto-compaction-mode=periodic".to_owned(),
@@ -116,8 +195,8 @@ pub enum MemberError {
     /// The member did not become healthy in time.
     #[error("etcd member at {url} not healthy after {waited:?} (see its log)")]
     NotHealthy {
-        /// The client URL polled.
-        url: String,
+        /// The client endpoint polled.
+        url: ClientEndpoint,
         /// How long it waited.
         waited: Duration,
     },
@@ -162,14 +241,19 @@ pub struct Member {
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Member").field("client_url", &self.config.client_url).finish()
+        f.debug_struct("Member").field("client", &self.config.client_endpoint()).finish()
     }
 }
 
 impl Member {
     /// Stops any member left behind at the same data dir, starts a new one and
     /// waits until it answers healthy.
-    pub async fn start(config: MemberConfig) -> Result<Member, MemberError> {
+    pub async fn start(mut config: MemberConfig) -> Result<Member, MemberError> {
+        // Absolute paths: a Unix-socket member runs in its socket directory.
+        config.data_dir = absolute(&config.data_dir)?;
+        if let Listen::Unix(dir) = &config.listen {
+            config.listen = Listen::Unix(absolute(dir)?);
+        }
         prepare_dirs(&config)?;
         stop_leftover(&config).await;
 
@@ -202,9 +286,10 @@ impl Member {
 
         let deadline = Instant::now() + member.config.start_timeout;
         let mut state = member.state.clone();
+        let endpoint = member.config.client_endpoint();
         loop {
-            if health(&member.config.client_url).await {
-                tracing::info!(url = %member.config.client_url, pid = ?member.pid(), "etcd member healthy");
+            if health(&endpoint).await {
+                tracing::info!(%endpoint, pid = ?member.pid(), "etcd member healthy");
                 return Ok(member);
             }
             // Copy the state out: the watch guard must not live across an await.
@@ -217,7 +302,7 @@ impl Member {
                 return Err(MemberError::ExitedEarly { status });
             }
             if Instant::now() >= deadline {
-                let url = member.config.client_url.clone();
+                let url = endpoint.clone();
                 let waited = member.config.start_timeout;
                 member.stop().await;
                 return Err(MemberError::NotHealthy { url, waited });
@@ -226,9 +311,9 @@ impl Member {
         }
     }
 
-    /// The client URL.
-    pub fn client_url(&self) -> &str {
-        &self.config.client_url
+    /// Where clients connect.
+    pub fn client_endpoint(&self) -> ClientEndpoint {
+        self.config.client_endpoint()
     }
 
     /// The config it runs with.
@@ -278,6 +363,10 @@ impl Drop for Member {
     }
 }
 
+fn absolute(path: &Path) -> Result<PathBuf, MemberError> {
+    std::path::absolute(path).map_err(|source| MemberError::Prepare { path: path.to_owned(), source })
+}
+
 fn prepare_dirs(config: &MemberConfig) -> Result<(), MemberError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = &config.data_dir;
@@ -292,6 +381,16 @@ fn prepare_dirs(config: &MemberConfig) -> Result<(), MemberError> {
         // etcd refuses data dirs readable by others.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|source| MemberError::Prepare { path: dir.clone(), source })?;
+    }
+    if let Listen::Unix(sockets) = &config.listen {
+        // The directory's mode is what keeps other local users out: etcd
+        // makes its sockets 0755 and asks for no credentials.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(sockets)
+            .and_then(|()| std::fs::set_permissions(sockets, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|source| MemberError::Prepare { path: sockets.clone(), source })?;
     }
     if let Some(log) = &config.log_file
         && let Some(parent) = log.parent()
@@ -338,6 +437,11 @@ async fn stop_leftover(config: &MemberConfig) {
         }
     }
     let _ = std::fs::remove_file(config.pidfile());
+    if let Listen::Unix(dir) = &config.listen {
+        // Sockets a killed member left behind.
+        let _ = std::fs::remove_file(dir.join(CLIENT_SOCKET));
+        let _ = std::fs::remove_file(dir.join(PEER_SOCKET));
+    }
 }
 
 fn cmdline_has(pid: u32, arg: &str) -> bool {
@@ -445,11 +549,17 @@ fn wait_or_wake(wake: &mpsc::Receiver<()>, backoff: Duration) -> bool {
 fn spawn(config: &MemberConfig) -> Result<std::process::Child, MemberError> {
     let mut cmd = Command::new(&config.binary);
     cmd.args(config.args()).stdin(Stdio::null()).stdout(Stdio::null());
+    if let Listen::Unix(dir) = &config.listen {
+        // etcd 3.4 creates `unix://name:port` sockets in its working directory.
+        cmd.current_dir(dir);
+    }
     match &config.log_file {
         Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(path)
                 .map_err(|source| MemberError::Prepare { path: path.clone(), source })?;
             cmd.stderr(file);
@@ -490,16 +600,26 @@ fn write_pidfile(path: &Path, pid: u32) {
     }
 }
 
-/// Whether the member at `client_url` answers `/health` with `"health":"true"`.
-pub async fn health(client_url: &str) -> bool {
-    let Some(hostport) = client_url.strip_prefix("http://") else { return false };
-    let hostport = hostport.trim_end_matches('/');
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(hostport).await?;
-        s.write_all(format!("GET /health HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
+/// Whether the member answers `/health` with `"health":"true"`.
+pub async fn health(endpoint: &ClientEndpoint) -> bool {
+    async fn ask<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+        host: &str,
+    ) -> std::io::Result<bool> {
+        s.write_all(format!("GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).contains("\"health\":\"true\""))
+        Ok(String::from_utf8_lossy(&buf).contains("\"health\":\"true\""))
+    }
+    let attempt = async {
+        match endpoint {
+            ClientEndpoint::Unix(path) => ask(tokio::net::UnixStream::connect(path).await?, "localhost").await,
+            ClientEndpoint::Http(url) => {
+                let Some(hostport) = url.strip_prefix("http://") else { return Ok(false) };
+                let hostport = hostport.trim_end_matches('/');
+                ask(tokio::net::TcpStream::connect(hostport).await?, hostport).await
+            }
+        }
     };
     matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Ok(true)))
 }
@@ -541,7 +661,7 @@ mod tests {
         loop {
             if let Some(pid) = member.pid()
                 && pid != first
-                && health(member.client_url()).await
+                && health(&member.client_endpoint()).await
             {
                 break;
             }
@@ -565,7 +685,7 @@ mod tests {
         let mut orphan = Command::new(&cfg.binary).args(cfg.args()).stderr(Stdio::null()).spawn().unwrap();
         write_pidfile(&cfg.pidfile(), orphan.id());
         let t0 = Instant::now();
-        while !health(&cfg.client_url).await {
+        while !health(&cfg.client_endpoint()).await {
             assert!(t0.elapsed() < Duration::from_secs(20));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -573,6 +693,99 @@ mod tests {
         assert_ne!(member.pid(), Some(orphan.id()));
         assert!(orphan.try_wait().unwrap().is_some(), "the leftover member still runs");
         member.stop().await;
+    }
+
+    /// The TCP ports `pid` listens on, from its socket inodes and /proc/net/tcp{,6}.
+    fn tcp_listeners(pid: u32) -> Vec<u16> {
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+            .collect();
+        let mut ports = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // local_address, state 0A = LISTEN, inode in column 10.
+                if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                    let port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+                    ports.extend(port);
+                }
+            }
+        }
+        ports
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_member_opens_no_tcp_port_and_keeps_its_sockets_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = dir.path().join("run/etcd");
+        // A group- and world-readable socket dir from an earlier run is tightened.
+        std::fs::create_dir_all(&sockets).unwrap();
+        std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cfg = MemberConfig::unix("t", &dir.path().join("etcd"), &sockets);
+        cfg.heartbeat_interval_ms = 10;
+        cfg.election_timeout_ms = 100;
+        let member = Member::start(cfg).await.unwrap();
+        let ClientEndpoint::Unix(socket) = member.client_endpoint() else { panic!("not a unix endpoint") };
+        assert_eq!(socket, sockets.join(CLIENT_SOCKET));
+        assert!(health(&member.client_endpoint()).await);
+        assert_eq!(std::fs::metadata(&sockets).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(dir.path().join("etcd")).unwrap().mode() & 0o777, 0o700);
+        let pid = member.pid().unwrap();
+        // The loopback member of the other tests does listen on TCP: the check sees ports.
+        assert_eq!(tcp_listeners(pid), Vec::<u16>::new(), "the member listens on TCP");
+        member.stop().await;
+        assert!(!socket.exists(), "etcd removes its socket on a clean stop");
+    }
+
+    #[tokio::test]
+    async fn the_tcp_listener_check_sees_a_loopback_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fast(dir.path());
+        let Listen::Loopback { client_port, peer_port } = cfg.listen else { panic!() };
+        let member = Member::start(cfg).await.unwrap();
+        let mut ports = tcp_listeners(member.pid().unwrap());
+        ports.sort_unstable();
+        let mut want = vec![client_port, peer_port];
+        want.sort_unstable();
+        assert_eq!(ports, want);
+        member.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_member_with_relative_paths_restarts_over_stale_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = dir.path().join("run");
+        std::fs::create_dir_all(&sockets).unwrap();
+        // A stale socket file where the client socket goes, as a kill -9 leaves it.
+        drop(std::os::unix::net::UnixListener::bind(sockets.join(CLIENT_SOCKET)).unwrap());
+        let here = std::env::current_dir().unwrap();
+        let rel = |p: &Path| pathdiff(p, &here);
+        let mut cfg = MemberConfig::unix("t", &rel(&dir.path().join("etcd")), &rel(&sockets));
+        cfg.heartbeat_interval_ms = 10;
+        cfg.election_timeout_ms = 100;
+        let member = Member::start(cfg).await.unwrap();
+        assert!(member.config().data_dir.is_absolute());
+        assert!(health(&member.client_endpoint()).await);
+        member.stop().await;
+    }
+
+    /// `path` relative to `base` (both absolute), with `..` as needed.
+    fn pathdiff(path: &Path, base: &Path) -> PathBuf {
+        let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+        let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let mut out = PathBuf::new();
+        for _ in common..b.len() {
+            out.push("..");
+        }
+        for c in &p[common..] {
+            out.push(c);
+        }
+        out
     }
 
     #[tokio::test]

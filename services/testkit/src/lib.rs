@@ -1,5 +1,7 @@
 //! Test support: a throwaway etcd member on free loopback ports, started with
-//! fast raft timings so it is ready in about 0.1 s.
+//! fast raft timings so it is ready in about 0.1 s. Loopback TCP is open to
+//! every local user; that is fine for tests, and the product's own member
+//! listens on Unix sockets instead (see `otherix-etcd-member`).
 
 use otherix_etcd_member::{Member, MemberConfig, free_ports};
 
@@ -29,7 +31,7 @@ impl TestEtcd {
 
     /// The client endpoint, e.g. `http://127.0.0.1:41234`.
     pub fn endpoint(&self) -> String {
-        self.member.as_ref().map(|m| m.client_url().to_owned()).unwrap_or_default()
+        self.member.as_ref().map(|m| m.config().client_url()).unwrap_or_default()
     }
 
     /// The member's pid.

@@ -98,13 +98,13 @@ fn report(i: usize) -> HeartbeatRequest {
 }
 
 async fn start_server(args: &Args, dir: &Path) -> anyhow::Result<(Server, String, String, u32)> {
-    let (port, agent_port, client, peer) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (port, agent_port) = (free_port()?, free_port()?);
     let config = dir.join("api.yaml");
     std::fs::write(
         &config,
         format!(
             "state_dir: {}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\n\
-             etcd:\n  client_port: {client}\n  peer_port: {peer}\nlogger:\n  level: warn\n\
+             logger:\n  level: warn\n\
              nodes:\n  heartbeat_interval_seconds: {}\n  stale_threshold_seconds: {}\n",
             dir.join("state").display(),
             args.interval,
