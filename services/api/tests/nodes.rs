@@ -429,3 +429,89 @@ async fn hostile_advertised_endpoints_are_recorded_not_certified() {
         .into_inner();
     assert!(answers.message().await.unwrap().is_some());
 }
+
+/// The store's current revision, read through a client of the test's own.
+async fn store_revision(h: &Harness) -> i64 {
+    let store = otherix_store::Store::connect(&[h.etcd.endpoint()], Duration::from_secs(5)).await.unwrap();
+    store.current_revision().await.unwrap()
+}
+
+/// Sends one report on an open stream and returns the answer (or the refusal).
+async fn send(
+    tx: &tokio::sync::mpsc::Sender<HeartbeatRequest>,
+    rx: &mut tonic::Streaming<HeartbeatResponse>,
+    hb: HeartbeatRequest,
+) -> Result<HeartbeatResponse, tonic::Status> {
+    tx.send(hb).await.map_err(|_| tonic::Status::cancelled("stream closed"))?;
+    match rx.message().await {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(tonic::Status::cancelled("stream ended")),
+        Err(s) => Err(s),
+    }
+}
+
+#[tokio::test]
+async fn the_cluster_default_pool_is_what_agents_are_told() {
+    let h = harness().await;
+    let (ca, _) = ca_pem(&h).await;
+    let (_, t) = call(h.http.post(h.url("/v1/nodes/join-tokens")).json(&json!({"max_uses": 1}))).await;
+    let a = join(&h, &ca, t["token"].as_str().unwrap(), "node-p").await.unwrap();
+    let (first, tx, mut rx) = beat(&h, &ca, &a).await.unwrap();
+    assert_eq!(first.declared_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["default"]);
+
+    let (s, body) = call(h.http.put(h.url("/v1/cluster/default-pool")).json(&json!({"name": "fast-ssd"}))).await;
+    assert_eq!(s, 200, "{body}");
+    let next = send(&tx, &mut rx, report()).await.unwrap();
+    assert_eq!(next.declared_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["fast-ssd"]);
+
+    let (s, _) = call(h.http.delete(h.url("/v1/cluster/default-pool"))).await;
+    assert_eq!(s, 200);
+    let next = send(&tx, &mut rx, report()).await.unwrap();
+    assert!(next.declared_pools.is_empty(), "{next:?}");
+}
+
+#[tokio::test]
+async fn steady_heartbeats_write_nothing_and_hostile_reports_are_refused() {
+    let h = harness().await;
+    let (ca, _) = ca_pem(&h).await;
+    let (_, t) = call(h.http.post(h.url("/v1/nodes/join-tokens")).json(&json!({"max_uses": 1}))).await;
+    let a = join(&h, &ca, t["token"].as_str().unwrap(), "node-s").await.unwrap();
+    let (_, tx, mut rx) = beat(&h, &ca, &a).await.unwrap();
+    wait_status(&h, "node-s", "ready").await;
+
+    // Identical reports: answered, and nothing is written.
+    let before = store_revision(&h).await;
+    for _ in 0..4 {
+        send(&tx, &mut rx, report()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(store_revision(&h).await, before, "a steady node's reports wrote to etcd");
+
+    // Free memory moving by a tenth of the total is worth a write.
+    let mut moved = report();
+    moved.resources.as_mut().unwrap().memory_available_bytes = 2 << 30;
+    send(&tx, &mut rx, moved).await.unwrap();
+    assert!(store_revision(&h).await > before, "a changed report was not recorded");
+    let n = node_status(&h, "node-s").await;
+    assert_eq!(n["capacity"]["memory_available_bytes"], 2u64 << 30, "{n}");
+
+    // A report cannot change the architecture the node joined with.
+    let mut arch = report();
+    arch.architecture = "arm64".into();
+    let err = send(&tx, &mut rx, arch).await.unwrap_err();
+    assert_eq!(ApiError::from_status(&err).code, ErrorCode::ValidationFailed, "{err:?}");
+
+    // An oversized report (400 KB) is refused by the stream and writes nothing.
+    let (_, tx, mut rx) = beat(&h, &ca, &a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = store_revision(&h).await;
+    let mut big = report();
+    big.agent_version = "x".repeat(400 * 1024);
+    let err = send(&tx, &mut rx, big).await.unwrap_err();
+    assert!(
+        matches!(err.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal),
+        "{err:?}"
+    );
+    assert_eq!(store_revision(&h).await, before, "an oversized report reached etcd");
+    assert_eq!(node_status(&h, "node-s").await["agent_version"], "0.1.0");
+}

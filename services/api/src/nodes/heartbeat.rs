@@ -234,6 +234,14 @@ impl NodeHub {
         Err(ApiError::new(ErrorCode::Conflict, "the node record kept changing; retry"))
     }
 
+    /// Answers a report that is not recorded (over the rate limit); it is
+    /// still checked field by field.
+    async fn answer_unrecorded(&self, node: &str, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
+        let rec = self.cached_node(node).await?.ok_or_else(|| revoked(node))?;
+        validate(hb, &rec.value.node.unwrap_or_default().architecture)?;
+        self.answer().await
+    }
+
     /// Notes a report in this replica's memory.
     pub(crate) fn note_beat(&self, node: &str, stream: u64, at: tokio::time::Instant, recorded: bool) {
         let mut beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -387,13 +395,14 @@ impl HeartbeatService for HeartbeatServiceImpl {
                         msg = inbound.message() => match msg {
                             Ok(Some(hb)) => {
                                 last = tokio::time::Instant::now();
-                                if !bucket.take() {
-                                    // Too many reports: not recorded, and not an error
-                                    // (an agent reporting on change may burst).
+                                let answer = if bucket.take() {
+                                    hub.record_heartbeat(&node, &fingerprint, stream, hb).await
+                                } else {
+                                    // Too many reports: answered (one answer per report) but not
+                                    // recorded; not an error, an agent reporting on change may burst.
                                     hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    continue;
-                                }
-                                let answer = hub.record_heartbeat(&node, &fingerprint, stream, hb).await;
+                                    hub.answer_unrecorded(&node, &hb).await
+                                };
                                 let stop = answer.is_err();
                                 if stop {
                                     hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -408,6 +417,8 @@ impl HeartbeatService for HeartbeatServiceImpl {
                                     hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 }
                                 tracing::debug!(error = %e, "heartbeat stream ended");
+                                // Tell the agent why (an oversized report, for one).
+                                let _ = tx.send(Err(e)).await;
                                 break;
                             }
                         },
