@@ -21,7 +21,7 @@ pub enum Credential {
 }
 
 /// An authenticated caller, put into each request's extensions.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Caller {
     /// User id.
     pub user_id: String,
@@ -32,6 +32,20 @@ pub struct Caller {
     pub role: Role,
     /// The credential used.
     pub credential: Credential,
+    /// The user record as authentication read it (from memory, after this
+    /// replica's own writes), for answers about the caller.
+    pub user: std::sync::Arc<UserRecord>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The user record holds the password hash: never in Debug.
+        f.debug_struct("Caller")
+            .field("user_id", &self.user_id)
+            .field("username", &self.username)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Caller {
@@ -123,9 +137,10 @@ impl Identity {
         }
         Ok(Caller {
             role: role_of(&user),
-            user_id: user.id,
-            username: user.username,
+            user_id: user.id.clone(),
+            username: user.username.clone(),
             credential: Credential::Session(claims.sid),
+            user: std::sync::Arc::new(user),
         })
     }
 
@@ -161,9 +176,10 @@ impl Identity {
         self.touch_api_token(rec);
         Ok(Caller {
             role: role_of(&user),
-            user_id: user.id,
-            username: user.username,
+            user_id: user.id.clone(),
+            username: user.username.clone(),
             credential: Credential::ApiToken(id),
+            user: std::sync::Arc::new(user),
         })
     }
 
@@ -188,8 +204,24 @@ impl Identity {
 
 #[cfg(test)]
 mod tests {
-    use super::predates;
+    use super::{Caller, Credential, predates};
     use prost_types::Timestamp;
+
+    #[test]
+    fn a_caller_never_shows_its_password_hash_or_credential() {
+        let c = Caller {
+            user_id: "u1".into(),
+            username: "ann".into(),
+            role: otherix_auth::Role::Viewer,
+            credential: Credential::ApiToken("tok-id-secret".into()),
+            user: std::sync::Arc::new(otherix_proto::otherix::store::v1::UserRecord {
+                password_hash: "$argon2id$v=19$SECRET".into(),
+                ..Default::default()
+            }),
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("ann") && !shown.contains("SECRET") && !shown.contains("tok-id-secret"), "{shown}");
+    }
 
     #[test]
     fn a_credential_of_the_same_second_but_earlier_predates_the_change() {

@@ -305,9 +305,9 @@ impl UserService for UserServiceImpl {
 
     #[tracing::instrument(skip_all)]
     async fn get_me(&self, req: Request<GetMeRequest>) -> Result<Response<User>, Status> {
+        // Authentication read the caller's record from memory already.
         let caller = Caller::of(&req)?;
-        let user = self.id.resolve_user(&caller.user_id).await?;
-        Ok(Response::new(user_view(&user.value)))
+        Ok(Response::new(user_view(&caller.user)))
     }
 
     #[tracing::instrument(skip_all)]
