@@ -370,3 +370,72 @@ async fn restart_keeps_the_identity_and_partial_state_is_fatal() {
     assert!(err.contains("partial bootstrap state"), "{err}");
     assert!(err.contains("agent.key"), "{err}");
 }
+
+/// A node's certificate never passes for the control plane: agent B's certificate is refused
+/// by agent A's mTLS listener for its identity. Deleting B cuts it off: its heartbeat is
+/// refused, it logs why and what to do, and it does not retry hot.
+#[tokio::test]
+async fn nodes_never_pass_for_the_control_plane_and_a_deleted_node_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path()).await;
+    let (token, fingerprint, _) = cp.join_token(json!({"max_uses": 2})).await;
+    let start = |name: &str| {
+        let a = AgentDirs::new(dir.path(), name);
+        let token_file = a.root.join("bootstrap-token");
+        std::fs::write(&token_file, &token).unwrap();
+        write_config(
+            &a,
+            &format!(
+                "bootstrap:\n  cp_url: {}\n  token_path: {}\n  ca_fingerprint: {fingerprint}\n  node_name: {name}\n  advertised_endpoint: {}\n",
+                cp.cp_url,
+                token_file.display(),
+                a.endpoint()
+            ),
+        );
+        let proc = serve(&a);
+        (a, proc)
+    };
+    let (a, _a_proc) = start("agent-a");
+    let (b, _b_proc) = start("agent-b");
+    for name in ["agent-a", "agent-b"] {
+        cp.wait_status(name, "ready", Duration::from_secs(20)).await;
+    }
+
+    // B calls A's VM API with its node certificate, accepting A's certificate the way the
+    // control plane would: A refuses B in the handshake.
+    let ca = read(&b.certs().join("ca.crt"));
+    let tls = tonic::transport::ClientTlsConfig::new().domain_name("localhost").identity(
+        tonic::transport::Identity::from_pem(read(&b.certs().join("agent.crt")), read(&b.certs().join("agent.key"))),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", a.endpoint()))
+        .unwrap()
+        .tls_config_with_verifier(tls, otherix_pki::node_server_verifier(&ca, "agent-a").unwrap())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    let refused = match channel.connect().await {
+        Err(_) => true,
+        Ok(ch) => otherix_proto::otherix::agent::v1::vm_runtime_service_client::VmRuntimeServiceClient::new(ch)
+            .list_pools(otherix_proto::otherix::agent::v1::ListPoolsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "agent A served agent B");
+    let needle = "not the control plane: the certificate of node \"agent-b\"";
+    let ok = eventually(Duration::from_secs(5), async || read(&a.log()).contains(needle)).await;
+    assert!(ok, "{}", read(&a.log()));
+
+    // Delete B: refused from then on, with the reason and the remedy in its log, once.
+    let r = cp.http.delete(format!("{}/v1/nodes/agent-b", cp.base)).bearer_auth(&cp.jwt).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let refusal = "heartbeat refused";
+    let ok = eventually(Duration::from_secs(15), async || read(&b.log()).contains(refusal)).await;
+    assert!(ok, "{}", read(&b.log()));
+    let log = read(&b.log());
+    assert!(log.contains("bootstrap again (otherix-agent bootstrap --force) with a fresh join token"), "{log}");
+    // At the reconnect backoff (1 s, doubling) this would be several attempts by now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = read(&b.log());
+    assert_eq!(log.matches(refusal).count(), 1, "{log}");
+    assert_eq!(cp.node("agent-b").await.get("name"), None, "agent-b was not re-created");
+}
