@@ -57,11 +57,14 @@ lint: deps ## rustfmt, clippy and buf checks, as CI runs them
 buf-lint: deps ## Lint proto/
 	$(BUF) lint
 
-buf-breaking: deps ## Check proto/ against the committed baseline image
-	$(BUF) breaking --against proto/baseline/image.binpb
+buf-breaking: deps ## Check proto/ and proto-internal/ against their committed baseline images
+	$(BUF) breaking proto --against proto/baseline/image.binpb
+	$(BUF) breaking proto-internal --against proto-internal/baseline/image.binpb
 
-buf-baseline: deps ## Record the current contract as the compatibility baseline
-	$(BUF) build -o proto/baseline/image.binpb
+buf-baseline: deps ## Record the current contracts as the compatibility baselines (on purpose only: docs/api-conventions.md)
+	@mkdir -p proto/baseline proto-internal/baseline
+	$(BUF) build proto -o proto/baseline/image.binpb
+	$(BUF) build proto-internal -o proto-internal/baseline/image.binpb
 
 ci: ## What CI runs
 	bash .ci/run

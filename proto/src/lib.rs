@@ -10,7 +10,8 @@ pub mod otherix {
     pub mod v1 {
         tonic::include_proto!("otherix.v1");
     }
-    /// Records the control plane keeps in etcd (not part of the public API).
+    /// Records the control plane keeps in etcd (`proto-internal/`: not part
+    /// of the published contract, nor of [`FILE_DESCRIPTOR_SET`]).
     pub mod store {
         /// Version 1 of the store records.
         pub mod v1 {
