@@ -11,8 +11,8 @@ SUDO=""
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 need=()
-for p in etcd-server protobuf-compiler libprotobuf-dev python3-venv ca-certificates curl jq openssl \
-         genisoimage dosfstools mtools fdisk cpio socat; do
+for p in etcd-server protobuf-compiler libprotobuf-dev python3-venv ca-certificates curl jq openssl nghttp2-client \
+         genisoimage dosfstools mtools fdisk cpio socat chromium; do
   installed "$p" || need+=("$p")
 done
 command -v npm >/dev/null 2>&1 || need+=(npm)
@@ -55,4 +55,10 @@ fi
 # buf, pinned in package.json.
 if [ ! -x node_modules/.bin/buf ]; then
   npm ci --no-audit --no-fund --silent
+fi
+
+# The generated-client and browser tests' npm packages (protoc-gen-es,
+# connect-web, puppeteer-core), pinned in clients/ts/package-lock.json.
+if [ ! -d clients/ts/node_modules/@connectrpc/connect-web ] || [ clients/ts/package-lock.json -nt clients/ts/node_modules/.package-lock.json ]; then
+  (cd clients/ts && npm ci --no-audit --no-fund --silent)
 fi

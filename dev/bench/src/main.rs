@@ -141,16 +141,19 @@ fn main() -> anyhow::Result<()> {
     let server_rt = runtime(0, "api")?;
     let load_rt = runtime(1, "load")?;
 
+    let state = tempfile::tempdir()?;
+    let mut config = otherix_api::Config::default();
+    config.state_dir = state.path().to_owned();
+    let api_config = config.clone();
     let (etcd, api) = server_rt.block_on(async {
         let etcd = TestEtcd::start().await;
-        let mut config = otherix_api::Config::default();
         config.server.listen = "127.0.0.1:0".into();
         config.etcd.endpoints = vec![etcd.endpoint()];
         config.logger.level = "warn".into();
         config.agent_server.enabled = false;
         let admin = BootstrapAdmin { email: String::new(), username: ADMIN.into(), password: PASSWORD.into() };
         let options = otherix_api::StartOptions { bootstrap_admin: Some(admin) };
-        let api = otherix_api::ApiServer::start_with(config, options).await?;
+        let api = otherix_api::ApiServer::start_with(config.clone(), options).await?;
         anyhow::Ok((etcd, api))
     })?;
     let base = format!("http://{}", api.addr());
@@ -235,8 +238,13 @@ fn main() -> anyhow::Result<()> {
 
     // Token verification alone, in this process against the same etcd: the
     // HMAC check by itself, and the full check (signature, user, session).
+    let bench_token = token.clone();
     let (sig_us, full) = load_rt.block_on(async move {
-        let store = otherix_store::Store::connect(&[verify_endpoint], Duration::from_secs(5)).await?;
+        // The signing keys are sealed in etcd: open them with the api's key.
+        let sealer = otherix_store::Sealer::load(&api_config.etcd_encryption_key_file(), &[])?;
+        let store = otherix_store::Store::connect(&[verify_endpoint], Duration::from_secs(5))
+            .await?
+            .with_sealer(std::sync::Arc::new(sealer));
         let identity = otherix_api::identity::Identity::new(
             store,
             &otherix_api::config::AuthConfig::default(),
@@ -290,9 +298,90 @@ fn main() -> anyhow::Result<()> {
         100.0 * verify / getme.max(f64::EPSILON),
         getme * 1e3
     );
+    let ratio = |a: &str, b: &str| {
+        let rps = |n: &str| reports.iter().find(|r| r.name == n).map_or(0.0, Report::rps);
+        rps(a) / rps(b).max(f64::EPSILON)
+    };
+    println!(
+        "REST vs gRPC throughput: GetMe {:.2}x, GetDefaultPool {:.2}x.",
+        ratio("REST GET /v1/users/me", "gRPC GetMe"),
+        ratio("REST GET /v1/cluster/default-pool", "gRPC GetDefaultPool")
+    );
+
+    // The same comparison with an independent load generator: h2load sends
+    // gRPC frames over one HTTP/2 connection with `concurrency` streams.
+    match h2load_available() {
+        false => println!("\nh2load not found (apt install nghttp2-client): independent-generator figures skipped."),
+        true => {
+            println!();
+            println!("h2load, 1 connection, {concurrency} streams, {seconds} s after a 1 s warm-up, pinned to core 1:");
+            println!();
+            println!("| target | requests/s | mean | vs etcd |");
+            println!("|---|---:|---:|---:|");
+            // RangeRequest { key: "/otherix/cluster_settings" }.
+            let key = b"/otherix/cluster_settings";
+            let mut range = vec![0x0a, key.len() as u8];
+            range.extend_from_slice(key);
+            let etcd_url = format!("{}/etcdserverpb.KV/Range", etcd.endpoint());
+            let raw = h2load(&etcd_url, &[], &range, seconds, concurrency)?;
+            let auth = format!("authorization: Bearer {bench_token}");
+            let base = format!("http://{}", api.addr());
+            let me = h2load(&format!("{base}/otherix.v1.UserService/GetMe"), &[&auth], &[], seconds, concurrency)?;
+            let pool = h2load(
+                &format!("{base}/otherix.v1.ClusterService/GetDefaultPool"),
+                &[&auth],
+                &[],
+                seconds,
+                concurrency,
+            )?;
+            let raw_rps = raw.0;
+            for (name, (rps, mean)) in [("raw etcd KV/Range", raw), ("gRPC GetMe", me), ("gRPC GetDefaultPool", pool)] {
+                println!("| {name} | {rps:.0} | {mean} | {:.2}x |", rps / raw_rps.max(f64::EPSILON));
+            }
+        }
+    }
     server_rt.block_on(api.shutdown());
     drop(etcd);
     Ok(())
+}
+
+fn h2load_available() -> bool {
+    std::process::Command::new("h2load").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs h2load against a gRPC method with one framed request body; returns
+/// requests per second and the mean time per request as h2load prints it.
+fn h2load(url: &str, headers: &[&str], message: &[u8], seconds: u64, streams: usize) -> anyhow::Result<(f64, String)> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    body.extend_from_slice(message);
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &body)?;
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "1", "h2load", "-c", "1", "-m"])
+        .arg(streams.to_string())
+        .args(["-D", &seconds.to_string(), "--warm-up-time", "1"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg("-d").arg(file.path()).arg(url).output().context("run h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in ")?.split(", ").nth(1)?.strip_suffix(" req/s")?.parse::<f64>().ok())
+        .with_context(|| format!("unexpected h2load output:\n{text}"))?;
+    let failed = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default();
+    if !failed.contains(" 0 failed") || !failed.contains(" 0 errored") {
+        anyhow::bail!("h2load saw failures against {url}: {failed}");
+    }
+    let mean = text
+        .lines()
+        .find_map(|l| l.strip_prefix("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("?")
+        .to_owned();
+    Ok((rps, mean))
 }
 
 async fn ok_get(http: reqwest::Client, url: String) -> bool {

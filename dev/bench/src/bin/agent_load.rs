@@ -180,9 +180,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let idle_pct = (usage(pid)?.0 - idle_cpu) / idle_at.elapsed().as_secs_f64() * 100.0;
     println!("Simulated agents: heartbeat every {} s, server pinned to core 0, load to core 1.", args.interval);
     println!();
-    println!("| nodes | server CPU | server RSS | heartbeats/s | p50 report->answer | p99 | ListNodes (REST) p50 |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    println!("| 0 | {idle_pct:.1}% | {:.1} MiB | - | - | - | - |", idle_rss as f64 / 1048576.0);
+    // etcd's revision moves by one per write: writes per second are its
+    // slope over the window (read through the member's private socket).
+    let socket = dir.path().join("state/run/etcd").join(otherix_etcd_member::CLIENT_SOCKET);
+    let store =
+        otherix_store::Store::connect_with(&otherix_store::ConnectConfig::unix(socket, Duration::from_secs(5))).await?;
+    println!(
+        "| nodes | server CPU | server RSS | heartbeats/s | etcd writes/s | p50 report->answer | p99 | ListNodes (REST) p50 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| 0 | {idle_pct:.1}% | {:.1} MiB | - | - | - | - | - |", idle_rss as f64 / 1048576.0);
 
     let latencies = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Duration>::new()));
     let mut joined = 0usize;
@@ -238,9 +245,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(u64::from(args.interval) + 2)).await;
         latencies.lock().await.clear();
         let (cpu0, _) = usage(pid)?;
+        let rev0 = store.current_revision().await?;
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(args.window)).await;
         let (cpu1, rss) = usage(pid)?;
+        let rev1 = store.current_revision().await?;
         let wall = t0.elapsed().as_secs_f64();
         let mut lat = std::mem::take(&mut *latencies.lock().await);
         lat.sort_unstable();
@@ -258,10 +267,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         list.sort_unstable();
         println!(
-            "| {target} | {:.1}% | {:.1} MiB | {:.1} | {:.2} ms | {:.2} ms | {:.1} ms |",
+            "| {target} | {:.1}% | {:.1} MiB | {:.1} | {:.1} | {:.2} ms | {:.2} ms | {:.1} ms |",
             (cpu1 - cpu0) / wall * 100.0,
             rss as f64 / 1048576.0,
             lat.len() as f64 / wall,
+            (rev1 - rev0) as f64 / wall,
             pct(0.5).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
             list[list.len() / 2].as_secs_f64() * 1e3,
