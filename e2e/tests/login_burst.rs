@@ -82,6 +82,15 @@ async fn a_burst_of_wrong_logins_is_limited_and_memory_comes_back() {
         start.elapsed().as_secs_f64()
     );
     assert!(rss < LIMIT_KIB, "RSS {} MiB a minute after the burst (peak {} MiB)", rss / 1024, peak / 1024);
+    // Idle hashing threads free their work areas (5 s): back near the baseline.
+    let near = baseline + 24 * 1024;
+    let start = Instant::now();
+    while rss > near && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss = status_kib(pid, "VmRSS");
+    }
+    eprintln!("otherix-api RSS {} MiB after {:.1} s idle", rss / 1024, start.elapsed().as_secs_f64());
+    assert!(rss <= near, "RSS {} MiB stays above the baseline of {} MiB", rss / 1024, baseline / 1024);
 
     let log = std::fs::read_to_string(&api.log).unwrap().to_ascii_lowercase();
     assert!(log.contains("login failed"), "the failures were not logged at all");

@@ -5,10 +5,12 @@
 //! freed areas: memory grew to gigabytes and never came back. Here hashing
 //! runs on a [`HashPool`]: one thread per core, each reusing one work area,
 //! behind a bounded queue. A full queue refuses at once ([`PoolBusy`]), so
-//! memory stays at `threads x 19 MiB` whatever the load.
+//! memory stays at `threads x 19 MiB` whatever the load, and a thread idle
+//! for [`IDLE_RELEASE`] gives its area back to the system.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
@@ -23,6 +25,14 @@ pub const MAX_LEN: usize = 256;
 pub const M_COST: u32 = 19 * 1024;
 /// Hashes waiting per pool thread before further requests are refused.
 pub const QUEUE_PER_THREAD: usize = 8;
+/// How long a pool thread keeps its work area without a job.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(5);
+/// The allocation behind a work area, in blocks: above glibc's largest
+/// dynamic mmap threshold (32 MiB), so the area is always a mapping of its
+/// own and freeing it returns the memory at once, instead of a heap chunk
+/// the allocator may keep. Only the 19 MiB used are ever touched; the rest
+/// is address space, not memory.
+const AREA_CAPACITY_BLOCKS: usize = 33 * 1024;
 
 /// Password hashing failed (only on broken randomness or parameters).
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +91,10 @@ impl std::fmt::Debug for WorkArea {
 
 impl Default for WorkArea {
     fn default() -> Self {
-        WorkArea(vec![Block::new(); params().block_count()])
+        let used = params().block_count();
+        let mut blocks = Vec::with_capacity(AREA_CAPACITY_BLOCKS.max(used));
+        blocks.resize(used, Block::new());
+        WorkArea(blocks)
     }
 }
 
@@ -136,25 +149,40 @@ impl WorkArea {
 
 type Job = Box<dyn FnOnce(&mut WorkArea) + Send>;
 
+/// The queue the pool's threads take jobs from.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    /// Work areas allocated now, across the threads.
+    areas: AtomicUsize,
+}
+
 /// A fixed set of hashing threads, each with one reused [`WorkArea`], fed
 /// by a bounded queue.
-#[derive(Debug)]
 pub struct HashPool {
-    tx: SyncSender<Job>,
+    queue: Arc<Queue>,
     threads: usize,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for HashPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashPool").field("threads", &self.threads).field("capacity", &self.capacity).finish()
+    }
 }
 
 impl HashPool {
-    /// A pool of `threads` threads (at least one) and `queue` waiting jobs.
-    pub fn new(threads: usize, queue: usize) -> std::io::Result<HashPool> {
+    /// A pool of `threads` threads (at least one), `queue` waiting jobs, and
+    /// threads that free their work area after `idle` without a job.
+    pub fn new(threads: usize, queue: usize, idle: Duration) -> std::io::Result<HashPool> {
         let threads = threads.max(1);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(queue);
-        let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Queue::default());
         for i in 0..threads {
-            let rx = rx.clone();
-            std::thread::Builder::new().name(format!("otherix-argon2-{i}")).spawn(move || worker(&rx))?;
+            let shared = shared.clone();
+            std::thread::Builder::new().name(format!("otherix-argon2-{i}")).spawn(move || worker(&shared, idle))?;
         }
-        Ok(HashPool { tx, threads })
+        Ok(HashPool { queue: shared, threads, capacity: queue })
     }
 
     /// The process's pool: one thread per core, [`QUEUE_PER_THREAD`] waiting
@@ -165,7 +193,8 @@ impl HashPool {
             let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
             // Thread creation failing at start-up leaves no way to check a
             // password at all.
-            HashPool::new(cores, cores * QUEUE_PER_THREAD).expect("cannot start the password hashing threads")
+            HashPool::new(cores, cores * QUEUE_PER_THREAD, IDLE_RELEASE)
+                .expect("cannot start the password hashing threads")
         })
     }
 
@@ -174,16 +203,26 @@ impl HashPool {
         self.threads
     }
 
+    /// How many work areas are allocated now (each 19 MiB).
+    pub fn work_areas(&self) -> usize {
+        self.queue.areas.load(Ordering::Relaxed)
+    }
+
     async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut WorkArea) -> T + Send + 'static) -> Result<T, PoolBusy> {
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |area| {
             let _ = done.send(f(area));
         });
         let busy = PoolBusy { retry_after: Duration::from_secs(1) };
-        match self.tx.try_send(job) {
-            Ok(()) => result.await.map_err(|_| busy),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(busy),
+        {
+            let mut jobs = self.queue.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            if jobs.len() >= self.capacity {
+                return Err(busy);
+            }
+            jobs.push_back(job);
         }
+        self.queue.ready.notify_one();
+        result.await.map_err(|_| busy)
     }
 
     /// Hashes a password on the pool.
@@ -208,18 +247,31 @@ impl HashPool {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>) {
-    // Allocated on the first job, then reused for every hash on this thread.
+fn worker(queue: &Queue, idle: Duration) {
+    // Allocated on the first job, reused while jobs keep coming, freed after
+    // `idle` without one.
     let mut area: Option<WorkArea> = None;
     loop {
         let job = {
-            let Ok(guard) = rx.lock() else { return };
-            match guard.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+            let mut jobs = queue.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if let Some(job) = jobs.pop_front() {
+                    break job;
+                }
+                let (guard, waited) = queue.ready.wait_timeout(jobs, idle).unwrap_or_else(PoisonError::into_inner);
+                jobs = guard;
+                if waited.timed_out() && jobs.is_empty() && area.take().is_some() {
+                    queue.areas.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         };
-        job(area.get_or_insert_with(WorkArea::default));
+        let area = area.get_or_insert_with(|| {
+            queue.areas.fetch_add(1, Ordering::Relaxed);
+            WorkArea::default()
+        });
+        // A panicking job must not take the thread (and its place in the
+        // pool) with it; its caller sees the dropped channel as busy.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(area)));
     }
 }
 
@@ -266,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_pool_refuses_beyond_its_queue() {
-        let pool = Arc::new(HashPool::new(1, 2).unwrap());
+        let pool = Arc::new(HashPool::new(1, 2, Duration::from_millis(200)).unwrap());
         let h = pool.hash("correct-horse-battery-staple".into()).await.unwrap().unwrap();
         assert!(pool.verify("correct-horse-battery-staple".into(), Some(h.clone())).await.unwrap());
         assert!(!pool.verify("wrong".into(), Some(h.clone())).await.unwrap());
@@ -285,6 +337,15 @@ mod tests {
             }
         }
         assert!(busy >= 8, "{busy} of 12 refused");
+        // The work area is kept while busy and freed once idle.
+        assert_eq!(pool.work_areas(), 1);
+        let start = std::time::Instant::now();
+        while pool.work_areas() > 0 && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(pool.work_areas(), 0, "the idle thread kept its work area");
+        // And comes back for the next job.
+        assert!(pool.verify("correct-horse-battery-staple".into(), Some(h)).await.unwrap());
     }
 
     #[test]
