@@ -65,6 +65,9 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(&q.prlimit_binary);
+    // glibc reserves 64 MiB of address space per malloc arena (up to 8 per core): without
+    // a cap the address-space limit would track the core count, not the work.
+    cmd.env("MALLOC_ARENA_MAX", "2");
     cmd.arg(format!("--as={}", q.img_max_memory_mib.saturating_mul(1 << 20)))
         .arg(format!("--cpu={}", q.img_max_cpu_secs))
         .arg("--")
@@ -191,8 +194,8 @@ mod tests {
         let ok = QemuConfig::default();
         make_disk(&ok, &src, "qcow2", &d.join("ok.qcow2"), 1 << 30).await.unwrap();
         assert!(d.join("ok.qcow2").is_file());
-        // 64 MiB of address space is too little for qemu-img: the limit is applied.
-        let tight = QemuConfig { img_max_memory_mib: 64, ..QemuConfig::default() };
+        // 16 MiB of address space is too little for qemu-img to even load: the limit is applied.
+        let tight = QemuConfig { img_max_memory_mib: 16, ..QemuConfig::default() };
         let err = make_disk(&tight, &src, "qcow2", &d.join("no.qcow2"), 1 << 30).await.unwrap_err();
         assert_eq!(err.code(), "vm_create_failed", "{err}");
         assert!(!d.join("no.qcow2").exists() && !d.join("no.qcow2.partial").exists());
