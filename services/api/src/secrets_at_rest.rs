@@ -46,8 +46,8 @@ pub enum SecretsError {
         /// Its key id.
         current: String,
     },
-    /// The key file could not be created or loaded.
-    #[error("etcd.encryption.key_file")]
+    /// A key file could not be created or loaded.
+    #[error("etcd.encryption: cannot create or load a key file")]
     Key(#[source] SealError),
     /// A stored secret does not open or the store failed.
     #[error("secrets at rest")]

@@ -384,7 +384,18 @@ fn prepare_dirs(config: &MemberConfig) -> Result<(), MemberError> {
     }
     if let Listen::Unix(sockets) = &config.listen {
         // The directory's mode is what keeps other local users out: etcd
-        // makes its sockets 0755 and asks for no credentials.
+        // makes its sockets 0755 and asks for no credentials. It is chmodded
+        // below, so it must be ours: never tighten a shared directory.
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(sockets) {
+            // SAFETY: geteuid(2) cannot fail and touches no memory.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                let msg =
+                    format!("owned by uid {}, not by this process's uid {me}: use a directory of its own", meta.uid());
+                return Err(MemberError::Prepare { path: sockets.clone(), source: std::io::Error::other(msg) });
+            }
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -786,6 +797,25 @@ mod tests {
             out.push(c);
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_socket_directory_of_another_user_is_refused_not_chmodded() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chowning to another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::chown(&shared, Some(65534), Some(65534)).unwrap();
+        let err = Member::start(MemberConfig::unix("t", &dir.path().join("etcd"), &shared)).await.unwrap_err();
+        assert!(matches!(&err, MemberError::Prepare { path, .. } if *path == shared), "{err}");
+        assert!(std::error::Error::source(&err).unwrap().to_string().contains("a directory of its own"));
+        assert_eq!(std::fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777, "the shared directory was chmodded");
     }
 
     #[tokio::test]
