@@ -25,6 +25,9 @@ pub const MAX_LEN: usize = 256;
 pub const M_COST: u32 = 19 * 1024;
 /// Hashes waiting per pool thread before further requests are refused.
 pub const QUEUE_PER_THREAD: usize = 8;
+/// Hashes waiting at least, however few the cores (the queue bounds waiting
+/// time, not memory).
+pub const MIN_QUEUE: usize = 16;
 /// How long a pool thread keeps its work area without a job.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(5);
 /// The allocation behind a work area, in blocks: above glibc's largest
@@ -186,14 +189,15 @@ impl HashPool {
     }
 
     /// The process's pool: one thread per core, [`QUEUE_PER_THREAD`] waiting
-    /// jobs per thread. One per process, because the memory it bounds is.
+    /// jobs per thread ([`MIN_QUEUE`] at least). One per process, because
+    /// the memory it bounds is.
     pub fn global() -> &'static HashPool {
         static POOL: OnceLock<HashPool> = OnceLock::new();
         POOL.get_or_init(|| {
             let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
             // Thread creation failing at start-up leaves no way to check a
             // password at all.
-            HashPool::new(cores, cores * QUEUE_PER_THREAD, IDLE_RELEASE)
+            HashPool::new(cores, (cores * QUEUE_PER_THREAD).max(MIN_QUEUE), IDLE_RELEASE)
                 .expect("cannot start the password hashing threads")
         })
     }
