@@ -95,35 +95,55 @@ impl ApiProcess {
     /// Like [`ApiProcess::start`], with `server_extra` added under `server:`
     /// (indented YAML lines, e.g. `  cors:\n    allowed_origins: [...]\n`).
     pub async fn start_with(dir: &std::path::Path, server_extra: &str, extra: &str) -> ApiProcess {
-        let (port, agent_port) = (free_port(), free_port());
-        let config = dir.join("api.yaml");
         let text = format!(
-            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\n{server_extra}agent_server:\n  listen: 127.0.0.1:{agent_port}\n\
+            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{{port}}\n{server_extra}agent_server:\n  listen: 127.0.0.1:{{agent_port}}\n\
              etcd:\n  heartbeat_interval_ms: 10\n  election_timeout_ms: 100\n\
              logger:\n  level: info\n{extra}",
             state = dir.join("api-state").display()
         );
-        std::fs::write(&config, text).expect("write the api config");
-        let log = dir.join("api.log");
-        let process = Self::spawn(&config, &log).await;
-        let api = ApiProcess { process, base: format!("http://127.0.0.1:{port}"), agent_port, config, log };
-        api.wait_ready().await;
-        api
+        Self::launch(dir, text).await
     }
 
     /// Starts otherix-api on an external etcd: `etcd_section` is the YAML
     /// under `etcd:` (indented lines, e.g. `  endpoints: [http://...]\n`).
     pub async fn start_on_etcd(dir: &std::path::Path, etcd_section: &str) -> ApiProcess {
-        let (port, agent_port) = (free_port(), free_port());
-        let config = dir.join("api.yaml");
         let text = format!(
-            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{port}\nagent_server:\n  listen: 127.0.0.1:{agent_port}\n\
+            "state_dir: {state}\nserver:\n  listen: 127.0.0.1:{{port}}\nagent_server:\n  listen: 127.0.0.1:{{agent_port}}\n\
              etcd:\n{etcd_section}logger:\n  level: info\n",
             state = dir.join("api-state").display()
         );
-        std::fs::write(&config, text).expect("write the api config");
+        Self::launch(dir, text).await
+    }
+
+    /// Starts otherix-api with both listeners on port 0 (the kernel picks
+    /// free ports, no bind-drop-rebind race), reads the ports it bound from
+    /// `<state_dir>/run/listen.json`, and writes them into the config so a
+    /// restart keeps them.
+    async fn launch(dir: &std::path::Path, template: String) -> ApiProcess {
+        let config = dir.join("api.yaml");
+        std::fs::write(&config, template.replace("{port}", "0").replace("{agent_port}", "0"))
+            .expect("write the api config");
+        let listen = dir.join("api-state/run/listen.json");
+        let _ = std::fs::remove_file(&listen);
         let log = dir.join("api.log");
         let process = Self::spawn(&config, &log).await;
+        let bound = eventually(Duration::from_secs(60), async || listen.is_file()).await;
+        let text = std::fs::read_to_string(&listen).unwrap_or_default();
+        assert!(
+            bound,
+            "otherix-api did not record its ports; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("listen.json");
+        let port_of = |k: &str| -> u16 {
+            v[k].as_str().and_then(|a| a.rsplit(':').next()?.parse().ok()).unwrap_or_else(|| panic!("no {k} in {text}"))
+        };
+        let (port, agent_port) = (port_of("addr"), port_of("agent_addr"));
+        std::fs::write(
+            &config,
+            template.replace("{port}", &port.to_string()).replace("{agent_port}", &agent_port.to_string()),
+        )
+        .expect("write the api config");
         let api = ApiProcess { process, base: format!("http://127.0.0.1:{port}"), agent_port, config, log };
         api.wait_ready().await;
         api

@@ -184,6 +184,20 @@ impl ApiServer {
             }));
         }
         tracing::info!(%addr, ?agent_addr, tls = config.server.tls.is_some(), embedded_etcd = member.is_some(), "otherix-api serving");
+        // The bound addresses, for scripts and tests that listen on port 0.
+        let listening = serde_json::json!({
+            "addr": addr.to_string(),
+            "agent_addr": agent_addr.map(|a| a.to_string()),
+        });
+        let path = config.state_dir.join("run").join("listen.json");
+        let written = tokio::task::spawn_blocking(move || {
+            otherix_files::ensure_dir(path.parent().unwrap_or(&path), 0o700)?;
+            otherix_files::write_file_atomic(&path, listening.to_string().as_bytes(), 0o644)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "cannot record the bound addresses");
+        }
         Ok(ApiServer { addr, agent_addr, stop: Some(stop_tx), serve: Some(serve), agent_serve, supervisor, member })
     }
 
