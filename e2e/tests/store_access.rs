@@ -83,6 +83,11 @@ async fn a_local_user_cannot_reach_the_embedded_etcd_nor_read_its_secrets() {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let api = ApiProcess::start(dir.path(), "").await;
+    // otherix-api keeps `run/` private too; open it again (once it has written
+    // there) so that the socket directory's own mode is the only barrier left.
+    let listen = state.join("run/listen.json");
+    assert!(otherix_e2e::eventually(std::time::Duration::from_secs(10), async || listen.exists()).await);
+    std::fs::set_permissions(state.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let etcd = etcd_child(api.process.0.id());
 
     // No TCP listener at all; any there was is tried as nobody below.
@@ -103,6 +108,15 @@ async fn a_local_user_cannot_reach_the_embedded_etcd_nor_read_its_secrets() {
     assert_eq!(mode(&state.join("secrets")), 0o700);
     assert_eq!(mode(&state.join("secrets/etcd-encryption.key")), 0o600);
     assert_eq!(std::fs::metadata(state.join("secrets/etcd-encryption.key")).unwrap().len(), 32);
+
+    // Control: nobody can walk down to the socket directory itself, so what
+    // refuses it below is that directory's mode and nothing above it.
+    let ls = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "ls"])
+        .arg(state.join("run"))
+        .output()
+        .unwrap();
+    assert!(ls.status.success() && String::from_utf8_lossy(&ls.stdout).contains("etcd"), "{ls:?}");
 
     let sock = socket.display().to_string();
     let body = range_body("pki/cluster_ca");
