@@ -311,9 +311,14 @@ async fn lifecycle_unreachable_gone_readmit_cordon_delete() {
     })
     .await
     .expect("the stream closes");
-    assert_eq!(ended.map(|e| e.code), Some(ErrorCode::Unauthenticated));
+    let ended = ended.expect("refused, not just closed");
+    assert_eq!(ended.code, ErrorCode::Unauthenticated);
+    // The agent learns why: its node was deleted (not a transient failure).
+    assert_eq!(ended.details.get("reason").and_then(|v| v.as_str()), Some("node_deleted"), "{:?}", ended.details);
     drop(tx);
-    assert_eq!(beat(&h, &ca, &a).await.err().map(|e| e.code), Some(ErrorCode::Unauthenticated));
+    let again = beat(&h, &ca, &a).await.err().unwrap();
+    let reason = again.details.get("reason").and_then(|v| v.as_str());
+    assert_eq!((again.code, reason), (ErrorCode::Unauthenticated, Some("node_deleted")));
     assert_eq!(call(h.http.get(h.url("/v1/nodes/node-a"))).await.0, 404);
 }
 

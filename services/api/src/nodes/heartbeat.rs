@@ -37,6 +37,16 @@ fn revoked(node: &str) -> ApiError {
         .with_detail("reason", "cert_revoked")
 }
 
+/// The refusal for a node without a record: deleted (or never enrolled). The agent logs
+/// that it must bootstrap again and stops retrying hot (docs/nodes.md, "Deleted nodes").
+fn node_deleted(node: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthenticated,
+        format!("node {node:?} was deleted; bootstrap it again with a fresh join token"),
+    )
+    .with_detail("reason", "node_deleted")
+}
+
 /// Updates a pressure condition from one report: set after `required`
 /// consecutive reports under the threshold, cleared by one above it.
 fn pressure(prev: Option<&PressureCondition>, under: bool, required: u32, what: &str, node: &str) -> PressureCondition {
@@ -198,7 +208,7 @@ impl NodeHub {
         let mut from_store = false;
         for _ in 0..8 {
             let cur = if from_store { self.node(node).await? } else { self.cached_node(node).await? };
-            let Some(cur) = cur else { return Err(revoked(node)) };
+            let Some(cur) = cur else { return Err(node_deleted(node)) };
             let mut rec: NodeRecord = cur.value.clone();
             if rec.cert_fingerprint.is_empty() || rec.cert_fingerprint != fingerprint {
                 return Err(revoked(node));
@@ -237,7 +247,7 @@ impl NodeHub {
     /// Answers a report that is not recorded (over the rate limit); it is
     /// still checked field by field.
     async fn answer_unrecorded(&self, node: &str, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
-        let rec = self.cached_node(node).await?.ok_or_else(|| revoked(node))?;
+        let rec = self.cached_node(node).await?.ok_or_else(|| node_deleted(node))?;
         validate(hb, &rec.value.node.unwrap_or_default().architecture)?;
         self.answer().await
     }
@@ -369,7 +379,7 @@ impl HeartbeatService for HeartbeatServiceImpl {
         };
         tracing::Span::current().record("node", node.as_str());
         // Refuse at once when the node is unknown, revoked or gone.
-        let rec = self.hub.cached_node(&node).await?.ok_or_else(|| revoked(&node))?;
+        let rec = self.hub.cached_node(&node).await?.ok_or_else(|| node_deleted(&node))?;
         if rec.value.cert_fingerprint != fingerprint {
             return Err(revoked(&node).into());
         }
@@ -429,7 +439,7 @@ impl HeartbeatService for HeartbeatServiceImpl {
                         gone = deleted.recv() => {
                             if matches!(gone, Ok(ref n) if *n == node) {
                                 tracing::info!("node deleted: closing its heartbeat stream");
-                                let _ = tx.send(Err(revoked(&node).into())).await;
+                                let _ = tx.send(Err(node_deleted(&node).into())).await;
                                 break;
                             }
                         }
