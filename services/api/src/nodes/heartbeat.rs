@@ -11,13 +11,12 @@ use otherix_proto::otherix::agent::v1::heartbeat_service_server::HeartbeatServic
 use otherix_proto::otherix::agent::v1::{DeclaredPool, HeartbeatRequest, HeartbeatResponse};
 use otherix_proto::otherix::store::v1::NodeRecord;
 use otherix_proto::v1::{Node, NodeCapacity, NodePool, NodePressure, PressureCondition};
-use otherix_store::Expect;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Beat, NodeHub, PeerCert, node_key, status};
 use crate::identity::now_ts;
-use crate::store_error::store_error;
+use crate::store_error::{Rmw, store_error};
 
 /// Serves HeartbeatService.
 #[derive(Debug, Clone)]
@@ -133,6 +132,20 @@ fn validate(hb: &HeartbeatRequest, architecture: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The node as stored, when `fingerprint` is its current certificate and it
+/// is not gone.
+fn current(node: &str, fingerprint: &str, rec: &NodeRecord) -> Result<Node, ApiError> {
+    if rec.cert_fingerprint.is_empty() || rec.cert_fingerprint != fingerprint {
+        return Err(revoked(node));
+    }
+    let n = rec.node.clone().unwrap_or_default();
+    if n.status == status::GONE {
+        return Err(ApiError::new(ErrorCode::NodeGone, format!("node {node:?} is gone; readmit it first"))
+            .with_detail("reason", "node_gone"));
+    }
+    Ok(n)
+}
+
 /// Whether `a` moved from `b` by more than `percent` of `total`.
 fn moved(a: u64, b: u64, total: u64, percent: u64) -> bool {
     a.abs_diff(b).saturating_mul(100) > total.saturating_mul(percent)
@@ -205,43 +218,35 @@ impl NodeHub {
         stream: u64,
         hb: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ApiError> {
-        let mut from_store = false;
-        for _ in 0..8 {
-            let cur = if from_store { self.node(node).await? } else { self.cached_node(node).await? };
-            let Some(cur) = cur else { return Err(node_deleted(node)) };
-            let mut rec: NodeRecord = cur.value.clone();
-            if rec.cert_fingerprint.is_empty() || rec.cert_fingerprint != fingerprint {
-                return Err(revoked(node));
-            }
-            let old = rec.node.clone().unwrap_or_default();
-            if old.status == status::GONE {
-                return Err(ApiError::new(ErrorCode::NodeGone, format!("node {node:?} is gone; readmit it first"))
-                    .with_detail("reason", "node_gone"));
-            }
-            validate(&hb, &old.architecture)?;
-            let n = self.observed(node, &old, &hb);
-            let now = tokio::time::Instant::now();
-            let record_due = {
-                let beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                beats.get(node).is_none_or(|b| b.stream != stream || now.duration_since(b.recorded) >= RECORD_EVERY)
-            };
-            let changed = differs(&old, &n) || rec.unreachable_since.is_some();
-            self.note_beat(node, stream, now, changed || record_due);
-            if !changed && !record_due {
-                return self.answer().await;
-            }
-            if old.status != status::READY {
-                tracing::info!(node, from = %old.status, "node ready");
-            }
-            rec.node = Some(n);
-            rec.unreachable_since = None;
-            match self.store.put(&node_key(node), &rec, Expect::Revision(cur.mod_revision), &[]).await {
-                Ok(_) => return self.answer().await,
-                Err(otherix_store::StoreError::Conflict { .. }) => from_store = true,
-                Err(e) => return Err(store_error(e)),
-            }
+        // Decide from memory whether anything worth a write changed.
+        let cached = self.cached_node(node).await?.ok_or_else(|| node_deleted(node))?;
+        let old = current(node, fingerprint, &cached.value)?;
+        validate(&hb, &old.architecture)?;
+        let now = tokio::time::Instant::now();
+        let record_due = {
+            let beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            beats.get(node).is_none_or(|b| b.stream != stream || now.duration_since(b.recorded) >= RECORD_EVERY)
+        };
+        let changed = differs(&old, &self.observed(node, &old, &hb)) || cached.value.unreachable_since.is_some();
+        if !changed && !record_due {
+            self.note_beat(node, stream, now, false);
+            return self.answer().await;
         }
-        Err(ApiError::new(ErrorCode::Conflict, "the node record kept changing; retry"))
+        // The one bounded compare-and-swap helper, against the stored record.
+        self.store
+            .update::<NodeRecord, Rmw, _>(&node_key(node), |cur| {
+                let mut rec = cur.cloned().ok_or_else(|| node_deleted(node))?;
+                let old = current(node, fingerprint, &rec)?;
+                if old.status != status::READY {
+                    tracing::info!(node, from = %old.status, "node ready");
+                }
+                rec.node = Some(self.observed(node, &old, &hb));
+                rec.unreachable_since = None;
+                Ok(Some(rec))
+            })
+            .await?;
+        self.note_beat(node, stream, now, true);
+        self.answer().await
     }
 
     /// Answers a report that is not recorded (over the rate limit); it is
