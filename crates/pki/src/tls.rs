@@ -525,6 +525,26 @@ mod tests {
             assert!(o.server.is_err(), "{what}: {:?}", o.server);
         }
 
+        // A replica certificate from before the identity existed: refused until reissued.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let now = crate::ca::now_utc();
+        let spec = crate::ca::LeafSpec {
+            common_name: crate::CP_COMMON_NAME.into(),
+            sans: vec![crate::names::San::parse("localhost").unwrap()],
+            server_auth: true,
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + time::Duration::hours(1),
+        };
+        let legacy = ca.issue_leaf(&key, &spec).unwrap().cert_pem;
+        let fake = server_config_mtls(&legacy, &key.serialize_pem(), ca.cert_pem(), true).unwrap();
+        let err = handshake(fake, victim()).await.client.unwrap_err();
+        assert!(
+            err.contains(
+                "not the control plane: a certificate for \"CN=otherix-cp-replica\" without a node or control-plane identity"
+            ),
+            "{err}"
+        );
+
         let cp = cp_cert(&ca);
         let real = server_config_mtls(&cp.cert_pem, &cp.key_pem, ca.cert_pem(), true).unwrap();
         let o = handshake(real, victim()).await;
