@@ -398,23 +398,41 @@ impl Runtime {
                     Ok(()) => info!("task succeeded"),
                     Err(e) => warn!(code = e.code(), error = %e.message(), "task failed"),
                 }
-                rt.finish_task(&id, res);
+                rt.finish_task(&id, res).await;
             }
             .instrument(span),
         );
         Ok(task)
     }
 
-    fn finish_task(&self, task_id: &str, res: Result<(), AgentError>) {
-        self.change_task(task_id, true, |t| match res {
-            Ok(()) => {
-                t.state = TaskState::Succeeded as i32;
-                if let Some(p) = t.progress.as_mut() {
-                    p.step = "done".into();
+    /// Records a task's outcome. The task reads as finished only once its record is on
+    /// disk, and, the record writer being first-in first-out, so is every VM record the
+    /// operation changed: a caller that sees the task done can rely on both after a crash.
+    async fn finish_task(&self, task_id: &str, res: Result<(), AgentError>) {
+        let (done, written) = {
+            let tasks = lock(&self.s.tasks);
+            let Some(t) = tasks.get(task_id) else {
+                return;
+            };
+            let mut t = t.clone();
+            match res {
+                Ok(()) => {
+                    t.state = TaskState::Succeeded as i32;
+                    if let Some(p) = t.progress.as_mut() {
+                        p.step = "done".into();
+                    }
                 }
+                Err(e) => fail_task(&mut t, &e),
             }
-            Err(e) => fail_task(t, &e),
-        });
+            t.updated_at = Some(state::now());
+            let written = self.s.persist.save(&self.s.layout.task(task_id), &t);
+            (t, written)
+        };
+        if let Err(e) = written.wait().await {
+            error!(task_id, error = %e.message(), "cannot write the finished task's record");
+        }
+        lock(&self.s.tasks).insert(task_id.to_string(), done);
+        self.s.task_changed.send_modify(|n| *n += 1);
     }
 
     fn change_task(&self, task_id: &str, persist: bool, f: impl FnOnce(&mut Task)) {
