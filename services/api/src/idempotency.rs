@@ -216,7 +216,7 @@ fn record_key(user_id: &str, rpc: &str, key: &str) -> String {
     h.update(rpc.as_bytes());
     h.update([0]);
     h.update(key.as_bytes());
-    format!("idempotency/{user_id}/{}", otherix_auth::token::hex(&h.finalize()))
+    otherix_store::keys::idempotency(user_id, &otherix_auth::token::hex(&h.finalize()))
 }
 
 fn is_binary_grpc(req: &Request<Body>) -> bool {

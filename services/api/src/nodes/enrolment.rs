@@ -19,15 +19,7 @@ use crate::store_error::store_error;
 /// The prefix of join tokens.
 pub const JOIN_TOKEN_PREFIX: &str = "otx_join_";
 
-/// The store key of a join token.
-pub fn join_token_key(id: &str) -> String {
-    format!("join_tokens/{id}")
-}
-
-/// The guard mapping a join token's hash to its id.
-pub fn join_token_hash_guard(hash: &str) -> String {
-    format!("uniq/join_tokens/hash/{hash}")
-}
+pub use otherix_store::keys::{join_token as join_token_key, join_token_hash_guard};
 
 /// Serves EnrolmentService.
 #[derive(Debug, Clone)]
@@ -166,7 +158,7 @@ impl EnrolmentService for EnrolmentServiceImpl {
                 .put(&join_token_key(&t.id), &next_token, Some(Expect::Revision(token.mod_revision)))
                 .put(&node_key(&r.node_name), &record, Some(node_expect))
                 .put(
-                    &format!("join_token_consumptions/{}/{}", t.id, uuid::Uuid::now_v7()),
+                    &otherix_store::keys::join_token_consumption(&t.id, &uuid::Uuid::now_v7().to_string()),
                     &consumption,
                     Some(Expect::Absent),
                 );

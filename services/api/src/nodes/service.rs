@@ -157,7 +157,7 @@ impl NodeService for NodeServiceImpl {
         let mut tokens: Vec<JoinTokenRecord> = self
             .hub
             .store
-            .list::<JoinTokenRecord>("join_tokens/")
+            .list::<JoinTokenRecord>(otherix_store::keys::JOIN_TOKENS)
             .await
             .map_err(store_error)?
             .into_iter()
@@ -204,7 +204,7 @@ impl NodeService for NodeServiceImpl {
         let consumptions = self
             .hub
             .store
-            .list::<JoinTokenConsumptionRecord>(&format!("join_token_consumptions/{id}/"))
+            .list::<JoinTokenConsumptionRecord>(&otherix_store::keys::join_token_consumptions_of(&id))
             .await
             .map_err(store_error)?
             .into_iter()
