@@ -432,6 +432,8 @@ async fn nodes_never_pass_for_the_control_plane_and_a_deleted_node_is_cut_off() 
     let ok = eventually(Duration::from_secs(15), async || read(&b.log()).contains(refusal)).await;
     assert!(ok, "{}", read(&b.log()));
     let log = read(&b.log());
+    assert!(log.contains("refused by the control plane: node_deleted"), "{log}");
+    assert!(log.contains("the node was deleted from the cluster"), "{log}");
     assert!(log.contains("bootstrap again (otherix-agent bootstrap --force) with a fresh join token"), "{log}");
     // At the reconnect backoff (1 s, doubling) this would be several attempts by now.
     tokio::time::sleep(Duration::from_secs(5)).await;
