@@ -1,7 +1,8 @@
 //! The secrets the control plane keeps in etcd, sealed with a key held
 //! outside etcd (`etcd.encryption.key_file`): the cluster CA's private key
-//! (`pki/cluster_ca`) and the access-token signing secrets
-//! (`auth/signing_keys`). The seal itself is [`otherix_store::sealed`]; this
+//! (`pki/cluster_ca`), the access-token signing secrets
+//! (`auth/signing_keys`) and the idempotency secret (`auth/idempotency_secret`,
+//! created and used in [`crate::idempotency`]). The seal itself is [`otherix_store::sealed`]; this
 //! module puts the key in place at start, refuses to start with the wrong
 //! key, seals values written in plaintext by earlier versions or sealed with
 //! an earlier key, and offers the seal/open calls the CA and key code use.
@@ -11,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use otherix_proto::otherix::store::v1::{ClusterCaRecord, SigningKey, SigningKeys};
-use otherix_store::{SealError, Sealer, Store, StoreError, sealed};
+use otherix_store::keys::IDEMPOTENCY_SECRET;
+use otherix_store::{Batch, Expect, SealError, Sealer, Store, StoreError, Versioned, sealed};
 
 use crate::config::Config;
 use crate::identity::keys::SIGNING_KEYS;
@@ -88,15 +90,23 @@ pub fn ca_key(store: &Store, stored: &str) -> Result<String, StoreError> {
     sealer.open_text(stored, CA_KEY).map_err(|e| sealed_err(CA_KEY, e))
 }
 
-/// Reads both records, waiting while the store does not answer (an external
-/// etcd may come up after us).
-async fn read(store: &Store) -> Result<(Option<ClusterCaRecord>, Option<SigningKeys>), SecretsError> {
+/// The sealed records as read at start.
+struct Stored {
+    ca: Option<ClusterCaRecord>,
+    keys: Option<SigningKeys>,
+    idempotency: Option<Versioned<Vec<u8>>>,
+}
+
+/// Reads the sealed records, waiting while the store does not answer (an
+/// external etcd may come up after us).
+async fn read(store: &Store) -> Result<Stored, SecretsError> {
     let mut delay = Duration::from_millis(200);
     loop {
         let got = async {
             let ca = store.get::<ClusterCaRecord>(CA_KEY).await?.map(|v| v.value);
             let keys = store.get::<SigningKeys>(SIGNING_KEYS).await?.map(|v| v.value);
-            Ok::<_, StoreError>((ca, keys))
+            let idempotency = store.get::<Vec<u8>>(IDEMPOTENCY_SECRET).await?;
+            Ok::<_, StoreError>(Stored { ca, keys, idempotency })
         }
         .await;
         match got {
@@ -111,16 +121,19 @@ async fn read(store: &Store) -> Result<(Option<ClusterCaRecord>, Option<SigningK
     }
 }
 
-/// Every sealed value in the two records, with its store key and context.
-fn sealed_values(ca: &Option<ClusterCaRecord>, keys: &Option<SigningKeys>) -> Vec<(String, Vec<u8>, String)> {
+/// Every sealed value in the records, with its store key and context.
+fn sealed_values(stored: &Stored) -> Vec<(String, Vec<u8>, String)> {
     let mut out = Vec::new();
-    if let Some(raw) = ca.as_ref().and_then(|c| sealed::text_bytes(&c.key_pem)) {
+    if let Some(raw) = stored.ca.as_ref().and_then(|c| sealed::text_bytes(&c.key_pem)) {
         out.push((CA_KEY.to_owned(), raw, CA_KEY.to_owned()));
     }
-    for k in keys.iter().flat_map(|s| &s.keys) {
+    for k in stored.keys.iter().flat_map(|s| &s.keys) {
         if sealed::sealed_key_id(&k.secret).is_some() {
             out.push((SIGNING_KEYS.to_owned(), k.secret.clone(), signing_context(&k.id)));
         }
+    }
+    if let Some(v) = &stored.idempotency {
+        out.push((IDEMPOTENCY_SECRET.to_owned(), v.value.clone(), IDEMPOTENCY_SECRET.to_owned()));
     }
     out
 }
@@ -130,8 +143,8 @@ fn sealed_values(ca: &Option<ClusterCaRecord>, keys: &Option<SigningKeys>) -> Ve
 /// missing or wrong key, and seals plaintext or old-key values afresh.
 pub async fn open(config: &Config, store: Store) -> Result<Store, SecretsError> {
     let path = config.etcd_encryption_key_file();
-    let (ca, keys) = read(&store).await?;
-    let stored = sealed_values(&ca, &keys);
+    let read = read(&store).await?;
+    let stored = sealed_values(&read);
     if !path.exists() {
         if let Some((_, raw, _)) = stored.first() {
             return Err(SecretsError::KeyMissing { path, found: sealed::key_id_hex(raw).unwrap_or_default() });
@@ -151,15 +164,26 @@ pub async fn open(config: &Config, store: Store) -> Result<Store, SecretsError> 
     }
     tracing::info!(key_id = %sealer.current_id(), "secrets at rest: key loaded");
     let store = store.with_sealer(Arc::new(sealer));
-    reseal(&store).await.map_err(SecretsError::Store)?;
+    reseal(&store, read.idempotency).await.map_err(SecretsError::Store)?;
     Ok(store)
 }
 
 /// Seals what is plaintext (written before secrets were sealed) or sealed
 /// with an earlier key, with the current key; compare-and-swap, so replicas
 /// doing it at once do not clash.
-async fn reseal(store: &Store) -> Result<(), StoreError> {
+async fn reseal(store: &Store, idempotency: Option<Versioned<Vec<u8>>>) -> Result<(), StoreError> {
     let sealer = store.sealer().map_err(|e| sealed_err(CA_KEY, e))?;
+    if let Some(v) = idempotency.filter(|v| !sealer.is_current(&v.value)) {
+        let plain = sealer.open(&v.value, IDEMPOTENCY_SECRET).map_err(|e| sealed_err(IDEMPOTENCY_SECRET, e))?;
+        let sealed = sealer.seal(&plain, IDEMPOTENCY_SECRET).map_err(|e| sealed_err(IDEMPOTENCY_SECRET, e))?;
+        tracing::info!(key = IDEMPOTENCY_SECRET, "sealing the idempotency secret with the current key");
+        match store.commit(Batch::new().put(IDEMPOTENCY_SECRET, &sealed, Some(Expect::Revision(v.mod_revision)))).await
+        {
+            // Another replica resealing first is as good.
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     store
         .update::<ClusterCaRecord, StoreError, _>(CA_KEY, |cur| {
             let Some(rec) = cur else { return Ok(None) };

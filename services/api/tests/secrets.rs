@@ -100,6 +100,16 @@ async fn tokens_minted_with_the_real_key_for_years_or_in_the_future_are_refused(
 async fn start_refuses_a_missing_or_wrong_key_and_rotation_reseals() {
     use std::os::unix::fs::PermissionsExt;
     let h = Harness::start().await;
+    // An idempotent call makes the (sealed) idempotency secret.
+    let r = h
+        .http
+        .put(h.url("/v1/cluster/default-pool"))
+        .header("idempotency-key", "rotation-test")
+        .json(&serde_json::json!({"name": "default"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let Harness { state, etcd, api, .. } = h;
     api.shutdown().await;
     let config = || common::config(&etcd, state.path());
@@ -135,6 +145,9 @@ async fn start_refuses_a_missing_or_wrong_key_and_rotation_reseals() {
     assert!(new.is_current(&sealed), "the CA key was not sealed again with the new key");
     let set = SigningKeys::decode(store.get_raw("auth/signing_keys").await.unwrap().unwrap().as_slice()).unwrap();
     assert!(set.keys.iter().all(|k| new.is_current(&k.secret)), "a signing key was not sealed again");
+    let idem =
+        Vec::<u8>::decode(store.get_raw("auth/idempotency_secret").await.unwrap().expect("made").as_slice()).unwrap();
+    assert!(new.is_current(&idem), "the idempotency secret was not sealed again");
 
     // Once resealed the old key is no longer needed.
     std::fs::remove_file(&old_file).unwrap();
