@@ -154,3 +154,36 @@ async fn start_refuses_a_missing_or_wrong_key_and_rotation_reseals() {
     let api = ApiServer::start_with(config(), common::options()).await.expect("starts with the new key alone");
     api.shutdown().await;
 }
+
+#[tokio::test]
+async fn plaintext_secrets_from_an_earlier_version_are_sealed_at_start() {
+    let h = Harness::start().await;
+    let Harness { state, etcd, api, .. } = h;
+    api.shutdown().await;
+    // Put the records back as a version without sealing wrote them.
+    let sealer = Sealer::load(&key_file(state.path()), &[]).unwrap();
+    let store = Store::connect(&[etcd.endpoint()], Duration::from_secs(5)).await.unwrap();
+    let mut ca = ClusterCaRecord::decode(store.get_raw("pki/cluster_ca").await.unwrap().unwrap().as_slice()).unwrap();
+    ca.key_pem = sealer.open_text(&ca.key_pem, "pki/cluster_ca").unwrap();
+    assert!(ca.key_pem.contains("PRIVATE KEY"));
+    let mut set = SigningKeys::decode(store.get_raw("auth/signing_keys").await.unwrap().unwrap().as_slice()).unwrap();
+    for k in &mut set.keys {
+        k.secret = sealer.open(&k.secret, &format!("auth/signing_keys/{}", k.id)).unwrap();
+    }
+    let batch = otherix_store::Batch::new().put("pki/cluster_ca", &ca, None).put("auth/signing_keys", &set, None);
+    store.commit(batch).await.unwrap();
+    // With the key file gone too (an upgrade: no key yet), start-up makes one and seals.
+    std::fs::remove_file(key_file(state.path())).unwrap();
+    let api =
+        ApiServer::start_with(common::config(&etcd, state.path()), common::options()).await.expect("upgrade starts");
+    let base = format!("http://{}", api.addr());
+    let login = common::login(&reqwest::Client::new(), &base, common::ADMIN, common::ADMIN_PASSWORD).await;
+    assert!(login["access_token"].is_string());
+    api.shutdown().await;
+    let sealer = Sealer::load(&key_file(state.path()), &[]).unwrap();
+    let ca = ClusterCaRecord::decode(store.get_raw("pki/cluster_ca").await.unwrap().unwrap().as_slice()).unwrap();
+    assert!(!ca.key_pem.contains("PRIVATE KEY"), "the CA key stayed in plaintext");
+    assert!(sealer.open_text(&ca.key_pem, "pki/cluster_ca").unwrap().contains("PRIVATE KEY"));
+    let set = SigningKeys::decode(store.get_raw("auth/signing_keys").await.unwrap().unwrap().as_slice()).unwrap();
+    assert!(set.keys.iter().all(|k| sealer.is_current(&k.secret)), "a signing key stayed in plaintext");
+}
