@@ -10,6 +10,7 @@
 use otherix_proto_json as json;
 pub mod cors;
 pub mod drain;
+pub mod openapi;
 pub mod template;
 
 use std::convert::Infallible;

@@ -115,6 +115,15 @@ pub async fn build_router(
         .layer(axum::middleware::from_fn_with_state(access, rpc::rpc_span));
 
     let routes = served_routes(&pool, "otherix.", &served)?;
+    // The OpenAPI document of exactly these routes, built once per start.
+    let openapi = serde_json::to_vec(&otherix_gateway::openapi::document(
+        &pool,
+        &routes,
+        "Otherix API",
+        env!("CARGO_PKG_VERSION"),
+    ))
+    .map_err(|e| StartError::Contract(e.into()))?;
+    let openapi = bytes::Bytes::from(openapi);
     let gateway = Gateway::new(
         routes,
         grpc.clone(),
@@ -128,6 +137,19 @@ pub async fn build_router(
     let health_routes = axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], doc) }
+            }),
+        )
+        .route(
+            "/docs",
+            get(|| async {
+                ([(http::header::CONTENT_TYPE, "text/html; charset=utf-8")], otherix_gateway::openapi::DOCS_HTML)
+            }),
+        )
         .with_state(store);
     let cors = otherix_gateway::cors::Cors::new(&config.server.cors.allowed_origins)
         .map_err(|e| StartError::Contract(e.into()))?;
@@ -266,10 +288,10 @@ pub async fn agent_listener(
     let sans = otherix_pki::default_server_sans(hostname.trim(), &[user_addr, bound], &config.cp_cert.additional_sans);
     let validity = Duration::from_secs(u64::from(config.cp_cert.validity_days) * 24 * 3600);
     let cert = otherix_pki::load_or_issue_server_cert(&config.state_dir.join("pki"), hub.ca(), &sans, validity)
-        .map_err(|e| StartError::Pki(e))?;
+        .map_err(StartError::Pki)?;
     tracing::info!(reused = cert.reused, serial = %cert.cert.serial_hex, ?sans, "agent listener certificate");
     let tls = otherix_pki::server_config_mtls(&cert.cert.cert_pem, &cert.cert.key_pem, hub.ca().cert_pem(), false)
-        .map_err(|e| StartError::Pki(e))?;
+        .map_err(StartError::Pki)?;
 
     let pool =
         DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).map_err(|e| StartError::Contract(e.into()))?;

@@ -300,3 +300,37 @@ async fn no_cors_by_default() {
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn openapi_lists_every_rest_route_and_docs_are_self_contained() {
+    let h = Harness::start().await;
+    let r = h.anon.get(h.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let pool = prost_reflect::DescriptorPool::decode(otherix_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let routes = otherix_gateway::routes_from_pool(&pool, "otherix.").unwrap();
+    assert!(routes.len() > 25, "{}", routes.len());
+    for route in &routes {
+        let path = route.template().as_str();
+        let verb = route.http_method().as_str().to_ascii_lowercase();
+        let op = &doc["paths"][path][&verb];
+        assert!(op.is_object(), "{verb} {path} missing from /openapi.json");
+        let rpc = route.rpc();
+        let (service, method) = rpc.rsplit_once('.').unwrap();
+        let service = service.rsplit('.').next().unwrap();
+        assert_eq!(op["operationId"], format!("{service}_{method}"));
+    }
+    // Login needs no token; GetMe does.
+    assert_eq!(doc["paths"]["/v1/auth/login"]["post"]["security"], json!([]));
+    assert!(doc["paths"]["/v1/users/me"]["get"].get("security").is_none());
+    assert_eq!(doc["components"]["schemas"]["otherix.v1.LoginRequest"]["required"], json!(["password"]));
+
+    let r = h.anon.get(h.url("/docs")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    assert!(html.contains("/openapi.json"));
+    assert!(!html.contains("http://") && !html.contains("https://"), "the reference page loads nothing from elsewhere");
+}
