@@ -227,7 +227,8 @@ impl ApiError {
             details.push(Any { type_url: BAD_REQUEST_TYPE.to_owned(), value: br.encode_to_vec() });
         }
         if let Some(secs) = self.retry_after_seconds() {
-            let delay = prost_types::Duration { seconds: i64::try_from(secs).unwrap_or(i64::MAX), nanos: 0 };
+            // A retry "now" invites a hot loop: never less than a second.
+            let delay = prost_types::Duration { seconds: i64::try_from(secs.max(1)).unwrap_or(i64::MAX), nanos: 0 };
             let ri = rpc::RetryInfo { retry_delay: Some(delay) };
             details.push(Any { type_url: RETRY_INFO_TYPE.to_owned(), value: ri.encode_to_vec() });
         }

@@ -334,3 +334,47 @@ async fn openapi_lists_every_rest_route_and_docs_are_self_contained() {
     assert!(html.contains("/openapi.json"));
     assert!(!html.contains("http://") && !html.contains("https://"), "the reference page loads nothing from elsewhere");
 }
+
+#[tokio::test]
+async fn rate_limits_say_when_to_retry_on_rest_and_grpc() {
+    let h = Harness::start().await;
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = h
+            .anon
+            .post(h.url("/v1/auth/login"))
+            .json(&json!({"username": "admin", "password": "wrong-password-123"}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 401);
+    }
+    let r = limited.expect("repeated failed logins are rate limited");
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert!(v["error"]["details"]["retry_after_seconds"].as_u64().is_some(), "{v}");
+
+    // gRPC carries a google.rpc.RetryInfo.
+    let mut auth = otherix_proto::v1::auth_service_client::AuthServiceClient::new(h.grpc_channel().await);
+    let err = auth
+        .login(otherix_proto::v1::LoginRequest {
+            username: "admin".into(),
+            password: "wrong-password-123".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    use prost::Message;
+    let status = otherix_proto::google::rpc::Status::decode(err.details()).unwrap();
+    let info =
+        status.details.iter().find(|a| a.type_url == "type.googleapis.com/google.rpc.RetryInfo").expect("RetryInfo");
+    let info = otherix_proto::google::rpc::RetryInfo::decode(info.value.as_slice()).unwrap();
+    assert!(info.retry_delay.unwrap().seconds >= 1);
+}
