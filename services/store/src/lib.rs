@@ -127,7 +127,10 @@ pub struct Health {
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    /// Shared: an etcd `Client` holds a channel per service, so cloning it
+    /// per request (middleware state is cloned per call) costs more than the
+    /// read it serves.
+    client: std::sync::Arc<Client>,
     /// Seals secrets at rest; attached with [`Store::with_sealer`].
     sealer: Option<std::sync::Arc<Sealer>>,
     /// The revision of this replica's latest write under each prefix, so its
@@ -157,7 +160,7 @@ impl Store {
     /// credentials etcd-client authenticates at once.
     pub async fn connect_with(config: &ConnectConfig) -> Result<Store, StoreError> {
         let client = connect::client(config).await?;
-        Ok(Store { client, sealer: None, marks: std::sync::Arc::default() })
+        Ok(Store { client: std::sync::Arc::new(client), sealer: None, marks: std::sync::Arc::default() })
     }
 
     /// Reads a record.
@@ -312,7 +315,7 @@ impl Store {
         stale_after: Duration,
         cancel: CancellationToken,
     ) -> Cache<M> {
-        Cache::start(self.client.clone(), self.marks.clone(), prefix, index, stale_after, cancel)
+        Cache::start(Client::clone(&self.client), self.marks.clone(), prefix, index, stale_after, cancel)
     }
 
     /// The store's current revision (one cheap read).
