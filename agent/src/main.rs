@@ -246,6 +246,10 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    // Background loops (heartbeat, task pruning) under one supervisor: named,
+    // restarted with backoff if they fail, stopped with the agent.
+    let supervisor = otherix_supervisor::Supervisor::new();
+    let loops = supervisor.token();
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::spawn(async move {
@@ -256,6 +260,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
         // VMs keep running: QEMU lives in its own session.
         info!("shutting down the agent; VMs keep running");
         let _ = stop_tx.send(true);
+        loops.cancel();
     });
 
     let material = match &cfg.bootstrap.cp_url {
@@ -268,6 +273,16 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let rt = Runtime::open(cfg.runtime.clone()).await.context("open the VM runtime")?;
     info!(accelerator = accelerator_name(rt.accelerator()), "agent runtime ready");
     let mut service = AgentService::new(rt.clone());
+    {
+        let rt = rt.clone();
+        supervisor.spawn("task-pruning", move |cancel| {
+            let rt = rt.clone();
+            async move {
+                rt.run_pruning(cancel.cancelled_owned()).await;
+                Ok(())
+            }
+        });
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut mtls = None;
     if let (Some(m), Some(cp_url)) = (&material, &cfg.bootstrap.cp_url) {
@@ -290,10 +305,12 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
         })?;
         // A finished VM task changes what the next report says: report at once.
         service = service.with_change_notify(heartbeat.trigger());
-        let stop = stopped();
-        tasks.spawn(async move {
-            heartbeat.run(stop).await;
-            Ok(())
+        supervisor.spawn("heartbeat", move |cancel| {
+            let heartbeat = heartbeat.clone();
+            async move {
+                heartbeat.run(cancel.cancelled_owned()).await;
+                Ok(())
+            }
         });
     }
     if let Some((listener, tls)) = mtls {
@@ -328,6 +345,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    supervisor.shutdown(SHUTDOWN_GRACE).await;
     info!("agent stopped");
     Ok(())
 }

@@ -282,7 +282,9 @@ enum SessionEnd {
     Failed { err: HeartbeatError, acknowledged: bool },
 }
 
-/// The heartbeat client. Build it with [`HeartbeatClient::new`], then `run` it until shutdown.
+/// The heartbeat client. Build it with [`HeartbeatClient::new`], then `run` it until
+/// shutdown. Clones share the trigger, so a supervisor can restart a clone.
+#[derive(Clone)]
 pub struct HeartbeatClient {
     cp: CpUrl,
     material: Material,

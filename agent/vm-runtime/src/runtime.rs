@@ -221,17 +221,6 @@ impl Runtime {
             };
             rt.load_tasks().await?;
             rt.load_vms().await?;
-            // Long-running agents would otherwise keep every task forever.
-            let weak = Arc::downgrade(&rt.s);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(3600));
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(s) = weak.upgrade() else { break };
-                    Runtime { s }.prune_tasks().await;
-                }
-            });
             Ok(rt)
         }
         .instrument(span)
@@ -329,6 +318,21 @@ impl Runtime {
     }
 
     /// Forgets finished tasks older than the retention, in memory and on disk.
+    /// Prunes finished tasks every hour until `stop` resolves; long-running
+    /// agents would otherwise keep every task forever. Run it under the
+    /// daemon's supervisor.
+    pub async fn run_pruning(&self, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.prune_tasks().await,
+                () = &mut stop => return,
+            }
+        }
+    }
+
     async fn prune_tasks(&self) {
         let retention = Duration::from_secs(self.s.cfg.task_retention_hours * 3600);
         let now = SystemTime::now();
