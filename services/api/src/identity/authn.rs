@@ -131,6 +131,11 @@ impl Identity {
             session = self.sessions.get(&key).map_err(store_error)?;
         }
         match session {
+            // A login that raced a password reset or role change dies now,
+            // not at its first refresh.
+            Some(s) if predates(s.value.created_at.as_ref(), user.tokens_valid_after.as_ref()) => {
+                return Err(revoked("the session predates the user's last credential change"));
+            }
             Some(s) if s.value.revoked_at.is_none() => {}
             Some(_) => return Err(revoked("the session was logged out")),
             None => return Err(revoked("the session ended")),

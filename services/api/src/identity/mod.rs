@@ -190,27 +190,3 @@ pub fn ts_after(d: Duration) -> Timestamp {
 pub fn is_past(t: &Timestamp) -> bool {
     SystemTime::try_from(*t).is_ok_and(|t| t <= SystemTime::now())
 }
-
-/// Hashes a password off the async threads (argon2 takes tens of milliseconds).
-pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || otherix_auth::password::hash(&password))
-        .await
-        .map_err(|_| ApiError::internal())?
-        .map_err(|e| {
-            tracing::error!(error = %e, "password hashing failed");
-            ApiError::internal()
-        })
-}
-
-/// Verifies a password off the async threads; `None` hash spends the same time and fails.
-pub async fn verify_password(password: String, phc: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || match phc {
-        Some(h) => otherix_auth::password::verify(&password, &h),
-        None => {
-            otherix_auth::password::verify_dummy(&password);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false)
-}
