@@ -188,8 +188,13 @@ pub fn merge_params(
             return Err(ApiError::invalid_field(path, format!("{what} {path} given twice")));
         }
     }
-    let decoded = DynamicMessage::deserialize_with_options(desc, Json::Object(overlay), &DESERIALIZE)
-        .map_err(|e| ApiError::new(otherix_errors::ErrorCode::ValidationFailed, format!("invalid {what}: {e}")))?;
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(Json::Object(overlay), &mut track);
+    let decoded = DynamicMessage::deserialize_with_options(desc, de, &DESERIALIZE).map_err(|e| {
+        let field = field_path(&track.path());
+        let field = if field.is_empty() { what.replace(' ', "_") } else { field };
+        ApiError::invalid_field(&field, format!("invalid {what} {field}: {e}"))
+    })?;
     msg.merge(decoded.encode_to_vec().as_slice()).map_err(|_| ApiError::internal())
 }
 

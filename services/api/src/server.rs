@@ -150,6 +150,7 @@ pub async fn build_router(
                 ([(http::header::CONTENT_TYPE, "text/html; charset=utf-8")], otherix_gateway::openapi::DOCS_HTML)
             }),
         )
+        .method_not_allowed_fallback(get_only)
         .with_state(store);
     let cors = otherix_gateway::cors::Cors::new(&config.server.cors.allowed_origins)
         .map_err(|e| StartError::Contract(e.into()))?;
@@ -164,6 +165,7 @@ pub fn starting_router(store: Store) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz_starting))
+        .method_not_allowed_fallback(get_only)
         .with_state(store)
         .fallback(|req: Request<Body>| async move {
             let e = otherix_errors::ApiError::new(
@@ -186,6 +188,17 @@ pub fn switch(current: Arc<std::sync::RwLock<axum::Router>>) -> axum::Router {
         let router = current.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone());
         async move { router.oneshot(req).await }
     }))
+}
+
+/// The 405 of the fixed routes (`/healthz`, `/readyz`, `/openapi.json`,
+/// `/docs`), in the JSON envelope with `Allow`.
+async fn get_only(req: Request<Body>) -> Response<Body> {
+    let e = otherix_errors::ApiError::new(
+        otherix_errors::ErrorCode::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .with_detail("allow", "GET, HEAD");
+    error_response(&e)
 }
 
 /// The gRPC services one listener serves, by full name.
@@ -320,8 +333,10 @@ pub async fn agent_listener(
         },
     )
     .with_authorizer(Arc::new(agent_authz));
-    let app =
-        axum::Router::new().route("/healthz", get(health::healthz)).fallback_service(dispatch(grpc, gateway, served));
+    let app = axum::Router::new()
+        .route("/healthz", get(health::healthz))
+        .method_not_allowed_fallback(get_only)
+        .fallback_service(dispatch(grpc, gateway, served));
     Ok((listener, Arc::new(tls), app))
 }
 

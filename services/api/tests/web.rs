@@ -168,6 +168,14 @@ async fn rest_http_semantics() {
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["details"].is_object(), "{v}");
 
+    // The fixed routes answer 405 the same way.
+    let r = h.http.post(h.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+    assert!(v["error"]["details"].is_object(), "{v}");
+
     // HEAD on a GET route.
     let r = h.http.head(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
