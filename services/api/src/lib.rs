@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod identity;
 pub mod names;
 pub mod nodes;
+pub mod paging;
 pub mod rpc;
 pub mod secrets_at_rest;
 pub mod server;

@@ -16,6 +16,7 @@ use otherix_store::{Batch, Expect, StoreError, keys};
 use tonic::{Request, Response, Status};
 
 use super::{Caller, Identity, is_past, now_ts, user_not_found};
+use crate::paging::{self, Order};
 use crate::store_error::store_error;
 
 const PERMISSION: &str = "api_token:manage";
@@ -156,7 +157,13 @@ impl ApiTokenService for ApiTokenServiceImpl {
             .collect();
         // uuid v7 ids sort by creation time.
         tokens.sort_by(|a, b| b.id.cmp(&a.id));
-        Ok(Response::new(ListApiTokensResponse { api_tokens: tokens.iter().map(view).collect() }))
+        let query = paging::query(&[&user.id, if r.include_revoked { "all" } else { "usable" }]);
+        let p = paging::page(tokens, Order::Desc, |t| t.id.clone(), r.page_size, &r.page_token, &query)?;
+        Ok(Response::new(ListApiTokensResponse {
+            api_tokens: p.items.iter().map(view).collect(),
+            next_page_token: p.next_page_token,
+            total_size: p.total_size,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().user, token = %req.get_ref().token_id))]

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use super::service_auth::{hash_password, verify_password};
 use super::{Caller, Identity, now_ts, role_of, user_view};
+use crate::paging::{self, Order};
 use crate::store_error::store_error;
 
 /// Serves UserService.
@@ -298,9 +299,16 @@ impl UserService for UserServiceImpl {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn list_users(&self, _req: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
-        let users = self.id.list_users().await?.iter().map(|u| user_view(&u.value)).collect();
-        Ok(Response::new(ListUsersResponse { users }))
+    async fn list_users(&self, req: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let r = req.into_inner();
+        let users: Vec<_> = self.id.list_users().await?.iter().map(|u| user_view(&u.value)).collect();
+        let p =
+            paging::page(users, Order::Asc, |u| u.username.clone(), r.page_size, &r.page_token, &paging::query(&[]))?;
+        Ok(Response::new(ListUsersResponse {
+            users: p.items,
+            next_page_token: p.next_page_token,
+            total_size: p.total_size,
+        }))
     }
 
     #[tracing::instrument(skip_all)]

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use super::enrolment::{JOIN_TOKEN_PREFIX, join_token_hash_guard, join_token_key};
 use super::{NodeHub, node_key, node_not_found, node_view, status};
 use crate::identity::{Caller, is_past, now_ts, ts_after};
+use crate::paging::{self, Order};
 use crate::store_error::{Rmw, store_error};
 
 /// Serves NodeService.
@@ -153,7 +154,8 @@ impl NodeService for NodeServiceImpl {
         &self,
         req: Request<ListJoinTokensRequest>,
     ) -> Result<Response<ListJoinTokensResponse>, Status> {
-        let all = req.get_ref().include_expired;
+        let r = req.into_inner();
+        let all = r.include_expired;
         let mut tokens: Vec<JoinTokenRecord> = self
             .hub
             .store
@@ -165,7 +167,13 @@ impl NodeService for NodeServiceImpl {
             .filter(|t| all || usable(t))
             .collect();
         tokens.sort_by(|a, b| b.id.cmp(&a.id));
-        Ok(Response::new(ListJoinTokensResponse { join_tokens: tokens.iter().map(token_view).collect() }))
+        let query = paging::query(&[if all { "all" } else { "usable" }]);
+        let p = paging::page(tokens, Order::Desc, |t| t.id.clone(), r.page_size, &r.page_token, &query)?;
+        Ok(Response::new(ListJoinTokensResponse {
+            join_tokens: p.items.iter().map(token_view).collect(),
+            next_page_token: p.next_page_token,
+            total_size: p.total_size,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(token = %req.get_ref().id))]
@@ -195,27 +203,41 @@ impl NodeService for NodeServiceImpl {
         &self,
         req: Request<ListJoinTokenConsumptionsRequest>,
     ) -> Result<Response<ListJoinTokenConsumptionsResponse>, Status> {
-        let id = req.into_inner().id;
+        let r = req.into_inner();
+        let id = r.id.clone();
         if uuid::Uuid::parse_str(&id).is_err()
             || self.hub.store.get::<JoinTokenRecord>(&join_token_key(&id)).await.map_err(store_error)?.is_none()
         {
             return Err(ApiError::not_found("join token", &id).into());
         }
-        let consumptions = self
+        let consumptions: Vec<(String, JoinTokenConsumption)> = self
             .hub
             .store
             .list::<JoinTokenConsumptionRecord>(&otherix_store::keys::join_token_consumptions_of(&id))
             .await
             .map_err(store_error)?
             .into_iter()
-            .map(|(_, c)| JoinTokenConsumption {
-                node_name: c.value.node_name,
-                node_id: c.value.node_id,
-                consumed_at: c.value.consumed_at,
-                source_address: c.value.source_address,
+            .map(|(key, c)| {
+                // The record's id (a uuid v7, so time order) is the cursor.
+                let cursor = otherix_store::keys::leaf(&key).to_owned();
+                (
+                    cursor,
+                    JoinTokenConsumption {
+                        node_name: c.value.node_name,
+                        node_id: c.value.node_id,
+                        consumed_at: c.value.consumed_at,
+                        source_address: c.value.source_address,
+                    },
+                )
             })
             .collect();
-        Ok(Response::new(ListJoinTokenConsumptionsResponse { consumptions }))
+        let query = paging::query(&[&id]);
+        let p = paging::page(consumptions, Order::Asc, |(k, _)| k.clone(), r.page_size, &r.page_token, &query)?;
+        Ok(Response::new(ListJoinTokenConsumptionsResponse {
+            consumptions: p.items.into_iter().map(|(_, c)| c).collect(),
+            next_page_token: p.next_page_token,
+            total_size: p.total_size,
+        }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -227,7 +249,7 @@ impl NodeService for NodeServiceImpl {
         {
             return Err(ApiError::invalid_field("status", "status is pending, ready, unreachable or gone").into());
         }
-        let nodes = self
+        let nodes: Vec<Node> = self
             .hub
             .nodes()
             .await?
@@ -235,7 +257,14 @@ impl NodeService for NodeServiceImpl {
             .map(|n| node_view(&n.value, full_view(&caller)))
             .filter(|n| want.is_empty() || n.status == want)
             .collect();
-        Ok(Response::new(ListNodesResponse { nodes }))
+        let r = req.into_inner();
+        let p =
+            paging::page(nodes, Order::Asc, |n| n.name.clone(), r.page_size, &r.page_token, &paging::query(&[&want]))?;
+        Ok(Response::new(ListNodesResponse {
+            nodes: p.items,
+            next_page_token: p.next_page_token,
+            total_size: p.total_size,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
