@@ -609,6 +609,7 @@ mod tests {
             ("logger:\n  format: xml\n", &[], "logger.format"),
             ("", &[("OTHERIX_SERVER__MAX_REQUEST_BYTES", "12")], "server.max_request_bytes"),
             ("", &[("OTHERIX_ETCD__ENDPOINTS", "[ftp://x]")], "etcd.endpoints[0]"),
+            ("", &[("OTHERIX_SERVER__CORS__ALLOWED_ORIGINS", "[localhost:3000]")], "server.cors.allowed_origins"),
             ("", &[("OTHERIX_STORAGE_POOLS__DEFAULT_POOL_NAME", "Bad_Name")], "storage_pools.default_pool_name"),
             ("", &[("OTHERIX_SERVER__NOPE", "1")], "server"),
             (
