@@ -39,6 +39,18 @@ def error_code(err: grpc.RpcError) -> str:
     return ""
 
 
+def field_violations(err: grpc.RpcError) -> list:
+    """The fields a google.rpc.BadRequest detail names."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    return [v.field for v in bad.field_violations]
+    return []
+
+
 def main() -> None:
     _, _, target, email, password = sys.argv
     channel = grpc.insecure_channel(target)
@@ -56,6 +68,13 @@ def main() -> None:
         anonymous = "allowed"
     except grpc.RpcError as err:
         anonymous = f"{err.code().name}/{error_code(err)}"
+    try:
+        cluster_pb2_grpc.ClusterServiceStub(channel).SetDefaultPool(
+            cluster_pb2.SetDefaultPoolRequest(name="Not A Label"), metadata=token
+        )
+        invalid = {"code": "allowed"}
+    except grpc.RpcError as err:
+        invalid = {"code": f"{err.code().name}/{error_code(err)}", "fields": field_violations(err)}
     _ = struct_pb2  # the Struct detail type resolves from the generated imports
     print(
         json.dumps(
@@ -66,6 +85,7 @@ def main() -> None:
                 "token_name": created.api_token.name,
                 "users": [u.username for u in users.users],
                 "anonymous": anonymous,
+                "invalid": invalid,
             }
         )
     )

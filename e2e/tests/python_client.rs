@@ -74,4 +74,7 @@ async fn a_generated_python_client_logs_in_creates_a_token_and_lists_users() {
     assert_eq!(summary["token_name"], "python-client");
     assert_eq!(summary["users"], serde_json::json!(["admin"]));
     assert_eq!(summary["anonymous"], "UNAUTHENTICATED/unauthenticated");
+    // Validation errors carry a google.rpc.BadRequest naming the field.
+    assert_eq!(summary["invalid"]["code"], "INVALID_ARGUMENT/validation_failed", "{summary}");
+    assert_eq!(summary["invalid"]["fields"], serde_json::json!(["name"]), "{summary}");
 }
