@@ -60,6 +60,25 @@ enum Command {
     },
 }
 
+/// Pagination flags of list commands (AIP-158 page_size / page_token).
+#[derive(Debug, clap::Args)]
+struct Page {
+    /// At most this many items (the server's default is 100, its maximum 1000).
+    #[arg(long, default_value_t = 0)]
+    limit: i32,
+    /// Continue from this cursor (printed on stderr when more items follow).
+    #[arg(long, default_value = "")]
+    cursor: String,
+}
+
+/// Tells the operator how to get the next page, off stdout so scripts that
+/// read the table are not disturbed.
+fn next_page_hint(token: &str) {
+    if !token.is_empty() {
+        eprintln!("more results: --cursor {token}");
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// List nodes: NAME ARCHITECTURE STATUS CORDONED AGE.
@@ -67,6 +86,8 @@ enum NodeCommand {
         /// Only nodes with this status (pending, ready, unreachable, gone).
         #[arg(long)]
         status: Option<String>,
+        #[command(flatten)]
+        page: Page,
     },
     /// Show one node.
     Get { name: String },
@@ -104,6 +125,8 @@ enum JoinTokenCommand {
         /// Include expired, exhausted and revoked tokens.
         #[arg(long)]
         include_expired: bool,
+        #[command(flatten)]
+        page: Page,
     },
     /// Revoke a join token.
     Revoke { id: String },
@@ -203,38 +226,53 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let mut nodes = NodeServiceClient::new(connect(&cli).await?);
     let out = output::Printer::new(cli.output);
     match command {
-        NodeCommand::List { status } => {
-            let r =
-                nodes.list_nodes(ListNodesRequest { status: status.clone().unwrap_or_default() }).await?.into_inner();
+        NodeCommand::List { status, page } => {
+            let r = nodes
+                .list_nodes(ListNodesRequest {
+                    status: status.clone().unwrap_or_default(),
+                    page_size: page.limit,
+                    page_token: page.cursor.clone(),
+                })
+                .await?
+                .into_inner();
             out.node_list(&r);
+            next_page_hint(&r.next_page_token);
         }
         NodeCommand::Get { name } => {
             out.node(&nodes.get_node(GetNodeRequest { name: name.clone() }).await?.into_inner())
         }
         NodeCommand::Cordon { name } => {
             let n = nodes
-                .cordon_node(CordonNodeRequest { name: name.clone(), request_id: String::new() })
+                .cordon_node(CordonNodeRequest { name: name.clone(), request_id: String::new(), ..Default::default() })
                 .await?
                 .into_inner();
             out.done(&n, "otherix.v1.Node", &format!("node {name} cordoned"));
         }
         NodeCommand::Uncordon { name } => {
             let n = nodes
-                .uncordon_node(UncordonNodeRequest { name: name.clone(), request_id: String::new() })
+                .uncordon_node(UncordonNodeRequest {
+                    name: name.clone(),
+                    request_id: String::new(),
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             out.done(&n, "otherix.v1.Node", &format!("node {name} uncordoned"));
         }
         NodeCommand::Readmit { name } => {
             let n = nodes
-                .readmit_node(ReadmitNodeRequest { name: name.clone(), request_id: String::new() })
+                .readmit_node(ReadmitNodeRequest {
+                    name: name.clone(),
+                    request_id: String::new(),
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             out.done(&n, "otherix.v1.Node", &format!("node {name} readmitted (pending)"));
         }
         NodeCommand::Delete { name } => {
             let r = nodes
-                .delete_node(DeleteNodeRequest { name: name.clone(), request_id: String::new() })
+                .delete_node(DeleteNodeRequest { name: name.clone(), request_id: String::new(), ..Default::default() })
                 .await?
                 .into_inner();
             out.done(&r, "otherix.v1.DeleteNodeResponse", &format!("node {name} deleted"));
@@ -252,23 +290,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .into_inner();
                 out.join_token_created(&r);
             }
-            JoinTokenCommand::List { include_expired } => {
+            JoinTokenCommand::List { include_expired, page } => {
                 let r = nodes
-                    .list_join_tokens(ListJoinTokensRequest { include_expired: *include_expired })
+                    .list_join_tokens(ListJoinTokensRequest {
+                        include_expired: *include_expired,
+                        page_size: page.limit,
+                        page_token: page.cursor.clone(),
+                    })
                     .await?
                     .into_inner();
                 out.join_token_list(&r);
             }
             JoinTokenCommand::Revoke { id } => {
                 let t = nodes
-                    .revoke_join_token(RevokeJoinTokenRequest { id: id.clone(), request_id: String::new() })
+                    .revoke_join_token(RevokeJoinTokenRequest {
+                        id: id.clone(),
+                        request_id: String::new(),
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 out.done(&t, "otherix.v1.JoinToken", &format!("join token {id} revoked"));
             }
             JoinTokenCommand::Consumptions { id } => {
                 let r = nodes
-                    .list_join_token_consumptions(ListJoinTokenConsumptionsRequest { id: id.clone() })
+                    .list_join_token_consumptions(ListJoinTokenConsumptionsRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 out.consumptions(&r);

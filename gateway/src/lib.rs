@@ -474,6 +474,7 @@ impl Gateway {
             }
         }
         json::merge_params(&mut msg, &bindings, &[], "path parameter")?;
+        if_match(&mut msg, &parts.headers)?;
 
         let grpc_req = self.grpc_request(route, &parts.headers, &parts.extensions, msg.encode_to_vec())?;
         let call = self.inner.clone().oneshot(grpc_req);
@@ -492,8 +493,13 @@ impl Gateway {
             Some(f) => json::field_to_json(&out, f)?,
             None => json::message_to_json(&out)?,
         };
+        let etag = rendered.get("etag").and_then(Json::as_str).filter(|e| !e.is_empty()).map(|e| format!("\"{e}\""));
         let body = serde_json::to_vec(&rendered).map_err(|_| ApiError::internal())?;
-        Ok(json_response(StatusCode::OK, body))
+        let mut resp = json_response(StatusCode::OK, body);
+        if let Some(v) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+        Ok(resp)
     }
 
     fn grpc_request(
@@ -524,6 +530,32 @@ impl Gateway {
         req.extensions_mut().insert(ViaRest);
         Ok(req)
     }
+}
+
+/// Carries an `If-Match` header into the request's `etag` field (for RPCs
+/// that take one): a strong etag in quotes, `*` meaning any. A weak etag, a
+/// list, or a body etag that contradicts the header is refused.
+fn if_match(msg: &mut DynamicMessage, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(raw) = headers.get(header::IF_MATCH) else { return Ok(()) };
+    let bad = |why: &str| ApiError::invalid_field("If-Match", why.to_owned());
+    let Some(field) = prost_reflect::ReflectMessage::descriptor(msg).get_field_by_name("etag") else {
+        return Err(bad("this endpoint does not take If-Match"));
+    };
+    let v = raw.to_str().map_err(|_| bad("If-Match is not text"))?.trim();
+    if v == "*" {
+        return Ok(());
+    }
+    let Some(tag) = v.strip_prefix('"').and_then(|t| t.strip_suffix('"')).filter(|t| !t.contains('"')) else {
+        return Err(bad("If-Match takes one strong etag in double quotes (or *)"));
+    };
+    if let Value::String(given) = msg.get_field(&field).as_ref()
+        && !given.is_empty()
+        && given != tag
+    {
+        return Err(bad("the body's etag contradicts If-Match"));
+    }
+    msg.set_field(&field, Value::String(tag.to_owned()));
+    Ok(())
 }
 
 /// Reads a unary gRPC response: the status from headers or trailers, then the one message.

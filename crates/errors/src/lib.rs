@@ -93,6 +93,8 @@ error_codes! {
     ResourceInUse = ("resource_in_use", FailedPrecondition, 409),
     /// An idempotency key was reused with another request.
     IdempotencyKeyMismatch = ("idempotency_key_mismatch", AlreadyExists, 409),
+    /// The resource changed since the etag the request carries.
+    EtagMismatch = ("etag_mismatch", Aborted, 409),
     /// The request body exceeds the limit.
     PayloadTooLarge = ("payload_too_large", ResourceExhausted, 413),
     /// The request body is not in a media type the endpoint reads (REST takes JSON).

@@ -10,7 +10,7 @@ use otherix_store::{Store, StoreError};
 use tonic::{Request, Response, Status};
 
 use crate::names::is_label;
-use crate::store_error::store_error;
+use crate::store_error::{Rmw, store_error};
 
 /// The store key of the settings record.
 pub const SETTINGS_KEY: &str = otherix_store::keys::CLUSTER_SETTINGS;
@@ -34,14 +34,18 @@ fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(std::time::SystemTime::now())
 }
 
-fn view(s: &ClusterSettings) -> Result<DefaultPool, ApiError> {
+fn view(s: &ClusterSettings, mod_revision: i64) -> Result<DefaultPool, ApiError> {
     if s.default_pool_name.is_empty() {
         return Err(ApiError::new(ErrorCode::NotFound, "no cluster default pool is set")
             .with_detail("kind", "setting")
             .with_detail("name", "default_pool")
             .with_detail("setting", "default_pool"));
     }
-    Ok(DefaultPool { name: s.default_pool_name.clone(), updated_at: s.default_pool_updated_at })
+    Ok(DefaultPool {
+        name: s.default_pool_name.clone(),
+        updated_at: s.default_pool_updated_at,
+        etag: crate::etag::of(mod_revision),
+    })
 }
 
 #[tonic::async_trait]
@@ -49,13 +53,14 @@ impl ClusterService for ClusterSettingsService {
     #[tracing::instrument(skip_all)]
     async fn get_default_pool(&self, _req: Request<GetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
         self.cache.caught_up().await.map_err(store_error)?;
-        let current = self.cache.get(SETTINGS_KEY).map_err(store_error)?;
-        Ok(Response::new(view(&current.map(|v| v.value).unwrap_or_default())?))
+        let current = self.cache.get(SETTINGS_KEY).map_err(store_error)?.unwrap_or_default();
+        Ok(Response::new(view(&current.value, current.mod_revision)?))
     }
 
     #[tracing::instrument(skip_all, fields(pool = %req.get_ref().name))]
     async fn set_default_pool(&self, req: Request<SetDefaultPoolRequest>) -> Result<Response<DefaultPool>, Status> {
-        let name = req.into_inner().name;
+        let r = req.into_inner();
+        let name = r.name;
         if !is_label(&name) {
             return Err(ApiError::invalid_field(
                 "name",
@@ -65,8 +70,9 @@ impl ClusterService for ClusterSettingsService {
         }
         let stored = self
             .store
-            .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
-                let mut next = cur.cloned().unwrap_or_default();
+            .update_versioned::<ClusterSettings, Rmw, _>(SETTINGS_KEY, |cur| {
+                crate::etag::check(&r.etag, cur.map_or(0, |c| c.mod_revision), "setting", "default_pool")?;
+                let mut next = cur.map(|c| c.value.clone()).unwrap_or_default();
                 if next.default_pool_name == name {
                     return Ok(None);
                 }
@@ -76,20 +82,22 @@ impl ClusterService for ClusterSettingsService {
                 Ok(Some(next))
             })
             .await
-            .map_err(store_error)?;
-        let settings = stored.map(|v| v.value).unwrap_or_default();
-        tracing::info!(pool = %settings.default_pool_name, "cluster default pool set");
-        Ok(Response::new(view(&settings)?))
+            .map_err(ApiError::from)?;
+        let settings = stored.unwrap_or_default();
+        tracing::info!(pool = %settings.value.default_pool_name, "cluster default pool set");
+        Ok(Response::new(view(&settings.value, settings.mod_revision)?))
     }
 
     #[tracing::instrument(skip_all)]
     async fn unset_default_pool(
         &self,
-        _req: Request<UnsetDefaultPoolRequest>,
+        req: Request<UnsetDefaultPoolRequest>,
     ) -> Result<Response<UnsetDefaultPoolResponse>, Status> {
+        let etag = req.into_inner().etag;
         self.store
-            .update::<ClusterSettings, StoreError, _>(SETTINGS_KEY, |cur| {
-                let mut next = cur.cloned().unwrap_or_default();
+            .update_versioned::<ClusterSettings, Rmw, _>(SETTINGS_KEY, |cur| {
+                crate::etag::check(&etag, cur.map_or(0, |c| c.mod_revision), "setting", "default_pool")?;
+                let mut next = cur.map(|c| c.value.clone()).unwrap_or_default();
                 if next.default_pool_name.is_empty() && next.default_pool_seeded {
                     return Ok(None);
                 }
@@ -99,7 +107,7 @@ impl ClusterService for ClusterSettingsService {
                 Ok(Some(next))
             })
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         tracing::info!("cluster default pool unset");
         Ok(Response::new(UnsetDefaultPoolResponse {}))
     }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod authz;
 pub mod cluster;
 pub mod config;
+pub mod etag;
 pub mod etcd_access;
 pub mod health;
 pub mod idempotency;

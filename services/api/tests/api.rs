@@ -95,7 +95,11 @@ async fn bad_requests_are_refused_and_the_server_survives() {
     // A gRPC message over the limit is refused too.
     let mut client = Cluster::new(h.authed(Some(&h.admin_token)).await);
     let err = client
-        .set_default_pool(SetDefaultPoolRequest { name: "a".repeat(2 * 1024 * 1024), request_id: String::new() })
+        .set_default_pool(SetDefaultPoolRequest {
+            name: "a".repeat(2 * 1024 * 1024),
+            request_id: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(ApiError::from_status(&err).code, ErrorCode::PayloadTooLarge, "{err:?}");
@@ -112,7 +116,11 @@ async fn default_pool_over_grpc() {
     let got = client.get_default_pool(GetDefaultPoolRequest {}).await.unwrap().into_inner();
     assert_eq!(got.name, "default");
     let set = client
-        .set_default_pool(SetDefaultPoolRequest { name: "grpc-pool".into(), request_id: String::new() })
+        .set_default_pool(SetDefaultPoolRequest {
+            name: "grpc-pool".into(),
+            request_id: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -129,7 +137,11 @@ async fn default_pool_over_grpc() {
     assert_eq!(api.details["setting"], "default_pool");
 
     let err = client
-        .set_default_pool(SetDefaultPoolRequest { name: "-bad".into(), request_id: String::new() })
+        .set_default_pool(SetDefaultPoolRequest {
+            name: "-bad".into(),
+            request_id: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

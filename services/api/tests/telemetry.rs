@@ -84,7 +84,11 @@ async fn rpc_spans_are_exported_with_the_callers_trace_context() {
     req.metadata_mut().insert("traceparent", format!("00-{grpc_trace}-00f067aa0ba902b7-01").parse().unwrap());
     client.get_default_pool(req).await.unwrap();
     client
-        .set_default_pool(otherix_proto::v1::SetDefaultPoolRequest { name: "-bad".into(), request_id: String::new() })
+        .set_default_pool(otherix_proto::v1::SetDefaultPoolRequest {
+            name: "-bad".into(),
+            request_id: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
 

@@ -89,7 +89,7 @@ impl From<etcd_client::Error> for StoreError {
 }
 
 /// A record with the revision it was last modified at.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Versioned<M> {
     /// The record.
     pub value: M,
@@ -281,20 +281,31 @@ impl Store {
         Ok(())
     }
 
-    /// Read-modify-write with compare-and-swap, retried on conflict.
-    /// `change` gets the current record (or `None`) and returns the record to
-    /// write, or `None` to leave the store as it is. Returns the record as
-    /// stored afterwards.
+    /// Read-modify-write with compare-and-swap, retried on conflict: the one
+    /// bounded CAS helper. `change` gets the current record (or `None`) and
+    /// returns the record to write, or `None` to leave the store as it is.
+    /// Returns the record as stored afterwards.
     pub async fn update<M, E, F>(&self, key: &str, mut change: F) -> Result<Option<Versioned<M>>, E>
     where
         M: Message + Default + Clone,
         E: From<StoreError>,
         F: FnMut(Option<&M>) -> Result<Option<M>, E>,
     {
+        self.update_versioned(key, |cur| change(cur.map(|v| &v.value))).await
+    }
+
+    /// [`Store::update`] whose `change` also sees the record's revision (for
+    /// etag checks).
+    pub async fn update_versioned<M, E, F>(&self, key: &str, mut change: F) -> Result<Option<Versioned<M>>, E>
+    where
+        M: Message + Default + Clone,
+        E: From<StoreError>,
+        F: FnMut(Option<&Versioned<M>>) -> Result<Option<M>, E>,
+    {
         const ATTEMPTS: u32 = 16;
         for _ in 0..ATTEMPTS {
             let current = self.get::<M>(key).await?;
-            let Some(next) = change(current.as_ref().map(|v| &v.value))? else {
+            let Some(next) = change(current.as_ref())? else {
                 return Ok(current);
             };
             let expect = current.as_ref().map_or(Expect::Absent, |v| Expect::Revision(v.mod_revision));

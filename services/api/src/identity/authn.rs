@@ -35,6 +35,8 @@ pub struct Caller {
     /// The user record as authentication read it (from memory, after this
     /// replica's own writes), for answers about the caller.
     pub user: std::sync::Arc<UserRecord>,
+    /// The revision of that record (its etag).
+    pub user_revision: i64,
 }
 
 impl std::fmt::Debug for Caller {
@@ -92,11 +94,11 @@ impl Identity {
         }
     }
 
-    async fn live_user(&self, id: &str) -> Result<UserRecord, ApiError> {
+    async fn live_user(&self, id: &str) -> Result<otherix_store::Versioned<UserRecord>, ApiError> {
         if uuid::Uuid::parse_str(id).is_err() {
             return Err(unauthenticated("invalid credentials"));
         }
-        self.cached_user(id).await?.map(|v| v.value).ok_or_else(|| unauthenticated("the token's user no longer exists"))
+        self.cached_user(id).await?.ok_or_else(|| unauthenticated("the token's user no longer exists"))
     }
 
     async fn authenticate_jwt(&self, token: &str) -> Result<Caller, ApiError> {
@@ -118,7 +120,7 @@ impl Identity {
             return Err(unauthenticated("invalid access token"));
         }
         // The user and the session from memory.
-        let user = self.live_user(&claims.sub).await?;
+        let otherix_store::Versioned { value: user, mod_revision: user_revision } = self.live_user(&claims.sub).await?;
         if user.tokens_valid_after.is_some_and(|t| claims.iat < t.seconds) {
             return Err(revoked("the session was logged out"));
         }
@@ -146,6 +148,7 @@ impl Identity {
             username: user.username.clone(),
             credential: Credential::Session(claims.sid),
             user: std::sync::Arc::new(user),
+            user_revision,
         })
     }
 
@@ -173,7 +176,8 @@ impl Identity {
         if rec.value.expires_at.as_ref().is_some_and(is_past) {
             return Err(unauthenticated("the API token expired"));
         }
-        let user = self.live_user(&rec.value.user_id).await?;
+        let otherix_store::Versioned { value: user, mod_revision: user_revision } =
+            self.live_user(&rec.value.user_id).await?;
         if predates(rec.value.created_at.as_ref(), user.tokens_valid_after.as_ref()) {
             return Err(revoked("the API token predates the user's last credential change"));
         }
@@ -185,6 +189,7 @@ impl Identity {
             username: user.username.clone(),
             credential: Credential::ApiToken(id),
             user: std::sync::Arc::new(user),
+            user_revision,
         })
     }
 
@@ -223,6 +228,7 @@ mod tests {
                 password_hash: "$argon2id$v=19$SECRET".into(),
                 ..Default::default()
             }),
+            user_revision: 1,
         };
         let shown = format!("{c:?}");
         assert!(shown.contains("ann") && !shown.contains("SECRET") && !shown.contains("tok-id-secret"), "{shown}");

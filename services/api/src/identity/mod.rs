@@ -168,7 +168,13 @@ pub fn user_view(u: &UserRecord) -> User {
         role: u.role.clone(),
         created_at: u.created_at,
         updated_at: u.updated_at,
+        etag: String::new(),
     }
+}
+
+/// The API view of a user with its etag.
+pub fn user_view_at(u: &Versioned<UserRecord>) -> User {
+    User { etag: crate::etag::of(u.mod_revision), ..user_view(&u.value) }
 }
 
 /// Now as a protobuf timestamp.

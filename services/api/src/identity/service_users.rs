@@ -25,7 +25,7 @@ use otherix_store::{Batch, Expect, StoreError, Versioned, keys};
 use tonic::{Request, Response, Status};
 
 use super::service_auth::{hash_password, verify_password};
-use super::{Caller, Identity, now_ts, role_of, user_view};
+use super::{Caller, Identity, now_ts, role_of, user_view, user_view_at};
 use crate::paging::{self, Order};
 use crate::store_error::store_error;
 
@@ -301,7 +301,7 @@ impl UserService for UserServiceImpl {
     #[tracing::instrument(skip_all)]
     async fn list_users(&self, req: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
         let r = req.into_inner();
-        let users: Vec<_> = self.id.list_users().await?.iter().map(|u| user_view(&u.value)).collect();
+        let users: Vec<_> = self.id.list_users().await?.iter().map(user_view_at).collect();
         let p =
             paging::page(users, Order::Asc, |u| u.username.clone(), r.page_size, &r.page_token, &paging::query(&[]))?;
         Ok(Response::new(ListUsersResponse {
@@ -315,7 +315,7 @@ impl UserService for UserServiceImpl {
     async fn get_me(&self, req: Request<GetMeRequest>) -> Result<Response<User>, Status> {
         // Authentication read the caller's record from memory already.
         let caller = Caller::of(&req)?;
-        Ok(Response::new(user_view(&caller.user)))
+        Ok(Response::new(User { etag: crate::etag::of(caller.user_revision), ..user_view(&caller.user) }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -359,7 +359,7 @@ impl UserService for UserServiceImpl {
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
     async fn get_user(&self, req: Request<GetUserRequest>) -> Result<Response<User>, Status> {
         let user = self.id.resolve_user(&req.get_ref().user).await?;
-        Ok(Response::new(user_view(&user.value)))
+        Ok(Response::new(user_view_at(&user)))
     }
 
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
@@ -383,6 +383,7 @@ impl UserService for UserServiceImpl {
         };
         for _ in 0..ATTEMPTS {
             let current = self.id.resolve_user(&r.user).await?;
+            crate::etag::check(&r.etag, current.mod_revision, "user", &r.user)?;
             let mut next = current.value.clone();
             if let Some(role) = role {
                 if current.value.id == caller.user_id && role != caller.role {
@@ -407,7 +408,12 @@ impl UserService for UserServiceImpl {
             let end = password_hash.is_some() || next.role != current.value.role;
             if let Some(changed) = self.id.change_user(current, next, end).await? {
                 tracing::info!(user = %changed.username, role = %changed.role, by = %caller.username, ended_credentials = end, "user updated");
-                return Ok(Response::new(user_view(&changed)));
+                // As stored, with its new etag (the cache has this replica's write).
+                let view = match self.id.cached_user(&changed.id).await? {
+                    Some(v) => user_view_at(&v),
+                    None => user_view(&changed),
+                };
+                return Ok(Response::new(view));
             }
         }
         Err(store_error(StoreError::Conflict { key: keys::ADMINS.into() }).into())
@@ -418,6 +424,7 @@ impl UserService for UserServiceImpl {
         let caller = Caller::of(&req)?;
         for _ in 0..ATTEMPTS {
             let target = self.id.resolve_user(&req.get_ref().user).await?;
+            crate::etag::check(&req.get_ref().etag, target.mod_revision, "user", &req.get_ref().user)?;
             if target.value.id == caller.user_id {
                 return Err(ApiError::new(ErrorCode::Conflict, "you cannot delete yourself").into());
             }

@@ -12,7 +12,7 @@ use otherix_proto::v1::{
     ListJoinTokenConsumptionsResponse, ListJoinTokensRequest, ListJoinTokensResponse, ListNodesRequest,
     ListNodesResponse, Node, ReadmitNodeRequest, RevokeJoinTokenRequest, UncordonNodeRequest,
 };
-use otherix_store::{Batch, Expect, StoreError};
+use otherix_store::{Batch, Expect, StoreError, Versioned};
 use tonic::{Request, Response, Status};
 
 use super::enrolment::{JOIN_TOKEN_PREFIX, join_token_hash_guard, join_token_key};
@@ -34,9 +34,9 @@ impl NodeServiceImpl {
     }
 
     /// Cordons or uncordons a node (idempotent; refused for a gone node).
-    async fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<Node, ApiError> {
+    async fn set_cordoned(&self, name: &str, etag: &str, cordoned: bool) -> Result<Node, ApiError> {
         let rec = self
-            .change_node(name, |r| {
+            .change_node(name, etag, |r| {
                 let n = r.node.get_or_insert_default();
                 if n.status == status::GONE {
                     return Err(ApiError::new(ErrorCode::NodeGone, format!("node {name:?} is gone")));
@@ -48,24 +48,28 @@ impl NodeServiceImpl {
         Ok(node_of(&rec))
     }
 
-    /// Applies `change` to a node with compare-and-swap; returns the node as stored.
+    /// Applies `change` to a node with compare-and-swap, while it still has
+    /// `etag` (when one is given); returns the node as stored.
     async fn change_node(
         &self,
         name: &str,
+        etag: &str,
         mut change: impl FnMut(&mut NodeRecord) -> Result<bool, ApiError>,
-    ) -> Result<NodeRecord, ApiError> {
+    ) -> Result<Versioned<NodeRecord>, ApiError> {
         if otherix_pki::validate_node_name(name).is_err() {
             return Err(node_not_found(name));
         }
         let stored = self
             .hub
             .store
-            .update::<NodeRecord, Rmw, _>(&node_key(name), |cur| {
-                let mut next = cur.cloned().ok_or_else(|| node_not_found(name))?;
+            .update_versioned::<NodeRecord, Rmw, _>(&node_key(name), |cur| {
+                let cur = cur.ok_or_else(|| node_not_found(name))?;
+                crate::etag::check(etag, cur.mod_revision, "node", name)?;
+                let mut next = cur.value.clone();
                 Ok(change(&mut next)?.then_some(next))
             })
             .await?;
-        stored.map(|v| v.value).ok_or_else(|| node_not_found(name))
+        stored.ok_or_else(|| node_not_found(name))
     }
 }
 
@@ -92,8 +96,8 @@ fn full_view(caller: &Caller) -> bool {
     caller.role.sees_full_nodes()
 }
 
-fn node_of(rec: &NodeRecord) -> Node {
-    rec.node.clone().unwrap_or_default()
+fn node_of(rec: &Versioned<NodeRecord>) -> Node {
+    Node { etag: crate::etag::of(rec.mod_revision), ..rec.value.node.clone().unwrap_or_default() }
 }
 
 #[tonic::async_trait]
@@ -254,7 +258,7 @@ impl NodeService for NodeServiceImpl {
             .nodes()
             .await?
             .iter()
-            .map(|n| node_view(&n.value, full_view(&caller)))
+            .map(|n| Node { etag: crate::etag::of(n.mod_revision), ..node_view(&n.value, full_view(&caller)) })
             .filter(|n| want.is_empty() || n.status == want)
             .collect();
         let r = req.into_inner();
@@ -272,24 +276,25 @@ impl NodeService for NodeServiceImpl {
         let caller = Caller::of(&req)?;
         let name = &req.get_ref().name;
         let rec = self.hub.cached_node(name).await?.ok_or_else(|| node_not_found(name))?;
-        Ok(Response::new(node_view(&rec.value, full_view(&caller))))
+        Ok(Response::new(Node { etag: crate::etag::of(rec.mod_revision), ..node_view(&rec.value, full_view(&caller)) }))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
     async fn cordon_node(&self, req: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
-        Ok(Response::new(self.set_cordoned(&req.get_ref().name, true).await?))
+        Ok(Response::new(self.set_cordoned(&req.get_ref().name, &req.get_ref().etag, true).await?))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
     async fn uncordon_node(&self, req: Request<UncordonNodeRequest>) -> Result<Response<Node>, Status> {
-        Ok(Response::new(self.set_cordoned(&req.get_ref().name, false).await?))
+        Ok(Response::new(self.set_cordoned(&req.get_ref().name, &req.get_ref().etag, false).await?))
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().name))]
     async fn readmit_node(&self, req: Request<ReadmitNodeRequest>) -> Result<Response<Node>, Status> {
         let name = req.get_ref().name.clone();
+        let etag = req.get_ref().etag.clone();
         let rec = self
-            .change_node(&name, |r| {
+            .change_node(&name, &etag, |r| {
                 let n = r.node.get_or_insert_default();
                 match n.status.as_str() {
                     status::GONE => {
@@ -315,6 +320,7 @@ impl NodeService for NodeServiceImpl {
         let caller = Caller::of(&req)?;
         let name = req.get_ref().name.clone();
         let cur = self.hub.node(&name).await?.ok_or_else(|| node_not_found(&name))?;
+        crate::etag::check(&req.get_ref().etag, cur.mod_revision, "node", &name)?;
         self.hub
             .store
             .commit(Batch::new().delete(&node_key(&name), Some(Expect::Revision(cur.mod_revision))))
