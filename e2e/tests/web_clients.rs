@@ -66,9 +66,14 @@ async fn serve_page(page: String) -> (u16, tokio::task::JoinHandle<()>) {
 
 /// Runs the browser on `url` off the async threads (the page server must keep serving).
 async fn browse(ts: &Path, url: &str) -> Value {
+    browse_with(ts, url, &[]).await
+}
+
+async fn browse_with(ts: &Path, url: &str, extra: &[&str]) -> Value {
     let (ts, url) = (ts.to_owned(), url.to_owned());
+    let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     let out = tokio::task::spawn_blocking(move || {
-        run(Command::new("node").arg(ts.join("browser-grpc-web.mjs")).arg(url).current_dir(ts))
+        run(Command::new("node").arg(ts.join("browser-grpc-web.mjs")).arg(url).args(extra).current_dir(ts))
     })
     .await
     .unwrap();
@@ -103,6 +108,13 @@ async fn a_page_on_another_origin_makes_grpc_web_calls() {
     assert_eq!(refused["ok"], false, "{refused}");
     assert!(refused["error"].as_str().unwrap().contains("Failed to fetch"), "{refused}");
     server.abort();
+
+    // The reference page at /docs renders every operation of /openapi.json.
+    let doc: Value =
+        otherix_e2e::http().get(format!("{}/openapi.json", api.base)).send().await.unwrap().json().await.unwrap();
+    let operations: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+    let docs = browse_with(&ts, &format!("{}/docs", api.base), &["--count", "details"]).await;
+    assert_eq!(docs["count"], operations, "{docs}");
 }
 
 #[tokio::test]
