@@ -303,11 +303,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             JoinTokenCommand::Revoke { id } => {
                 let t = nodes
-                    .revoke_join_token(RevokeJoinTokenRequest {
-                        id: id.clone(),
-                        request_id: String::new(),
-                        ..Default::default()
-                    })
+                    .revoke_join_token(RevokeJoinTokenRequest { id: id.clone(), request_id: String::new() })
                     .await?
                     .into_inner();
                 out.done(&t, "otherix.v1.JoinToken", &format!("join token {id} revoked"));

@@ -73,7 +73,8 @@ pub fn set_key(tree: &mut Value, path: &[&str], value: Value) -> Result<(), Conf
     let Some((last, parents)) = path.split_last() else { return Err(ConfigError::key("(top level)", "empty key")) };
     let mut node = tree;
     for seg in parents {
-        let obj = node.as_object_mut().ok_or_else(|| ConfigError::key(&dotted, "overrides a key that is not a mapping"))?;
+        let obj =
+            node.as_object_mut().ok_or_else(|| ConfigError::key(&dotted, "overrides a key that is not a mapping"))?;
         node = obj.entry((*seg).to_owned()).or_insert_with(|| Value::Object(Map::new()));
         if node.is_null() {
             *node = Value::Object(Map::new());

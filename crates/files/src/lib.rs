@@ -7,7 +7,6 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-
 /// A file operation failed on `path`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", path.display())]

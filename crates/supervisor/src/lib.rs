@@ -146,7 +146,8 @@ mod tests {
 
     #[tokio::test]
     async fn restarts_after_errors_and_panics_then_drains() {
-        let sup = Supervisor::with_backoff(Backoff { initial: Duration::from_millis(5), max: Duration::from_millis(20) });
+        let sup =
+            Supervisor::with_backoff(Backoff { initial: Duration::from_millis(5), max: Duration::from_millis(20) });
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
         sup.spawn("flaky", move |cancel| {

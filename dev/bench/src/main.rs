@@ -142,8 +142,7 @@ fn main() -> anyhow::Result<()> {
     let load_rt = runtime(1, "load")?;
 
     let state = tempfile::tempdir()?;
-    let mut config = otherix_api::Config::default();
-    config.state_dir = state.path().to_owned();
+    let mut config = otherix_api::Config { state_dir: state.path().to_owned(), ..Default::default() };
     let api_config = config.clone();
     let (etcd, api) = server_rt.block_on(async {
         let etcd = TestEtcd::start().await;

@@ -59,12 +59,7 @@ impl WriteMarks {
         if let Some(s) = self.marks.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(seg) {
             return s.clone();
         }
-        self.marks
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(seg.to_owned())
-            .or_default()
-            .clone()
+        self.marks.write().unwrap_or_else(std::sync::PoisonError::into_inner).entry(seg.to_owned()).or_default().clone()
     }
 
     /// Records a write to `key` at `revision`.

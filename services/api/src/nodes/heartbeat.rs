@@ -154,7 +154,7 @@ fn moved(a: u64, b: u64, total: u64, percent: u64) -> bool {
 /// Whether the new view differs from the stored one in anything an operator
 /// or the scheduler would see (small drifts of free memory and disk are not).
 fn differs(old: &Node, new: &Node) -> bool {
-    let (oc, nc) = (old.capacity.clone().unwrap_or_default(), new.capacity.clone().unwrap_or_default());
+    let (oc, nc) = (old.capacity.unwrap_or_default(), new.capacity.unwrap_or_default());
     let capacity = oc.cpu_cores != nc.cpu_cores
         || oc.cpu_available != nc.cpu_available
         || oc.memory_bytes != nc.memory_bytes
@@ -288,7 +288,7 @@ impl NodeHub {
         });
         let threshold = f64::from(self.settings.pressure_threshold_percent);
         let required = self.settings.pressure_consecutive_required;
-        let prev = old.pressure.clone().unwrap_or_default();
+        let prev = old.pressure.unwrap_or_default();
         let mem_under = percent_free(res.memory_available_bytes, res.memory_total_bytes).is_some_and(|p| p < threshold);
         let disk_under =
             percent_free(res.system_disk_free_bytes, res.system_disk_total_bytes).is_some_and(|p| p < threshold);
