@@ -30,8 +30,9 @@ struct Args {
     /// Heartbeat interval in seconds (the dev cadence is 15).
     #[arg(long, default_value_t = 15)]
     interval: u32,
-    /// Measurement window per node count, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Measurement window per node count, in seconds (longer than the
+    /// node record's one-minute refresh, so etcd writes/s include it).
+    #[arg(long, default_value_t = 75)]
     window: u64,
 }
 
@@ -257,7 +258,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut list = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();
-            let r = http.get(format!("{base}/v1/nodes")).bearer_auth(&jwt).send().await?;
+            let r = http.get(format!("{base}/v1/nodes?page_size=1000")).bearer_auth(&jwt).send().await?;
             let body: serde_json::Value = r.json().await?;
             list.push(t.elapsed());
             let n = body["nodes"].as_array().map_or(0, Vec::len);
