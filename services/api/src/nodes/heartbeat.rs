@@ -335,10 +335,14 @@ impl NodeHub {
         if lease == 0 {
             return Err(ApiError::new(ErrorCode::RequestTimeout, "the control plane is starting; retry"));
         }
-        self.store
-            .put_leased(&otherix_store::keys::node_alive(node), self.replica_id.encode_to_vec(), lease)
-            .await
-            .map_err(store_error)?;
+        // A reconnect to the replica that already holds the key costs no
+        // write, so a node cannot churn etcd by reopening its stream.
+        let key = otherix_store::keys::node_alive(node);
+        self.alive.caught_up().await.map_err(store_error)?;
+        if self.alive.get(&key).map_err(store_error)?.is_some_and(|v| v.value == self.replica_id) {
+            return Ok(());
+        }
+        self.store.put_leased(&key, self.replica_id.encode_to_vec(), lease).await.map_err(store_error)?;
         Ok(())
     }
 
