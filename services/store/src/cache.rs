@@ -221,6 +221,29 @@ impl<M: Message + Default + Clone + Send + Sync + 'static> Cache<M> {
         self.wait_for(rev).await
     }
 
+    /// A record by key after this replica's own writes are in; a miss is
+    /// checked once against the store's current revision (a record written a
+    /// moment ago through another replica). Misses share [`Cache::sync`]'s
+    /// coalesced revision read.
+    pub async fn lookup(&self, key: &str) -> Result<Option<Versioned<M>>, StoreError> {
+        self.caught_up().await?;
+        if let Some(v) = self.get(key)? {
+            return Ok(Some(v));
+        }
+        self.sync().await?;
+        self.get(key)
+    }
+
+    /// [`Cache::lookup`] by the secondary index.
+    pub async fn lookup_by_index(&self, value: &str) -> Result<Option<Versioned<M>>, StoreError> {
+        self.caught_up().await?;
+        if let Some(v) = self.get_by_index(value)? {
+            return Ok(Some(v));
+        }
+        self.sync().await?;
+        self.get_by_index(value)
+    }
+
     /// Waits until the cache has listed once (start-up).
     pub async fn ready(&self) -> Result<(), StoreError> {
         self.wait_for(1).await

@@ -172,28 +172,6 @@ impl Store {
         Ok(Some(Versioned { value, mod_revision: kv.mod_revision() }))
     }
 
-    /// Reads several records in one round trip (one etcd transaction, so one
-    /// consistent revision). Each entry is `None` when absent.
-    pub async fn get_two<A, B>(
-        &self,
-        a: &str,
-        b: &str,
-    ) -> Result<(Option<Versioned<A>>, Option<Versioned<B>>), StoreError>
-    where
-        A: Message + Default,
-        B: Message + Default,
-    {
-        let txn = Txn::new().and_then([TxnOp::get(full(a), None), TxnOp::get(full(b), None)]);
-        let resp = self.client.kv_client().txn(txn).await?;
-        let mut kvs = resp.op_responses().into_iter().map(|r| match r {
-            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
-            _ => None,
-        });
-        let first = kvs.next().flatten();
-        let second = kvs.next().flatten();
-        Ok((decode_versioned(a, first)?, decode_versioned(b, second)?))
-    }
-
     /// Reads the raw bytes under a key (guards, index entries).
     pub async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let resp = self.client.kv_client().get(full(key), None).await?;
@@ -481,18 +459,6 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
-}
-
-fn decode_versioned<M: Message + Default>(
-    key: &str,
-    raw: Option<(Vec<u8>, i64)>,
-) -> Result<Option<Versioned<M>>, StoreError> {
-    raw.map(|(bytes, rev)| {
-        M::decode(bytes.as_slice())
-            .map(|value| Versioned { value, mod_revision: rev })
-            .map_err(|source| StoreError::Decode { key: key.to_owned(), source })
-    })
-    .transpose()
 }
 
 /// An atomic multi-key write with per-key expectations.

@@ -124,14 +124,8 @@ impl Identity {
         if user.tokens_valid_after.is_some_and(|t| claims.iat < t.seconds) {
             return Err(revoked("the session was logged out"));
         }
-        self.sessions.caught_up().await.map_err(store_error)?;
-        let key = session_key(&claims.sub, &claims.sid);
-        let mut session = self.sessions.get(&key).map_err(store_error)?;
-        if session.is_none() {
-            // Logged in a moment ago on another replica.
-            self.sessions.sync().await.map_err(store_error)?;
-            session = self.sessions.get(&key).map_err(store_error)?;
-        }
+        // Logged in a moment ago on another replica: the lookup checks the store.
+        let session = self.sessions.lookup(&session_key(&claims.sub, &claims.sid)).await.map_err(store_error)?;
         match session {
             // A login that raced a password reset or role change dies now,
             // not at its first refresh.
@@ -157,13 +151,8 @@ impl Identity {
             return Err(unauthenticated("invalid API token"));
         }
         let hash = token::hash(plaintext);
-        self.api_tokens.caught_up().await.map_err(store_error)?;
-        let mut rec = self.api_tokens.get_by_index(&hash).map_err(store_error)?;
-        if rec.is_none() {
-            // Created a moment ago on another replica (coalesced lookups).
-            self.api_tokens.sync().await.map_err(store_error)?;
-            rec = self.api_tokens.get_by_index(&hash).map_err(store_error)?;
-        }
+        // Created a moment ago on another replica: the lookup checks the store.
+        let rec = self.api_tokens.lookup_by_index(&hash).await.map_err(store_error)?;
         let Some(rec) = rec else { return Err(unauthenticated("invalid API token")) };
         // The index is by hash already; compare anyway so an index bug cannot
         // hand one token's identity to another.

@@ -86,13 +86,7 @@ impl Identity {
     /// miss is checked once against the store's current revision, for a
     /// user created a moment ago on another replica.
     pub async fn cached_user(&self, id: &str) -> Result<Option<Versioned<UserRecord>>, ApiError> {
-        self.users.caught_up().await.map_err(store_error)?;
-        let key = user_key(id);
-        if let Some(u) = self.users.get(&key).map_err(store_error)? {
-            return Ok(Some(u));
-        }
-        self.users.sync().await.map_err(store_error)?;
-        self.users.get(&key).map_err(store_error)
+        self.users.lookup(&user_key(id)).await.map_err(store_error)
     }
 
     /// A user by id.

@@ -260,8 +260,7 @@ impl NodeHub {
     /// Notes a report in this replica's memory.
     pub(crate) fn note_beat(&self, node: &str, stream: u64, at: tokio::time::Instant, recorded: bool) {
         let mut beats = self.beats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let e = beats.entry(node.to_owned()).or_insert(Beat { at, stream, recorded: at });
-        e.at = at;
+        let e = beats.entry(node.to_owned()).or_insert(Beat { stream, recorded: at });
         if e.stream != stream || recorded {
             e.recorded = at;
         }
@@ -419,22 +418,15 @@ impl HeartbeatService for HeartbeatServiceImpl {
                                 } else {
                                     // Too many reports: answered (one answer per report) but not
                                     // recorded; not an error, an agent reporting on change may burst.
-                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     hub.answer_unrecorded(&node, &hb).await
                                 };
                                 let stop = answer.is_err();
-                                if stop {
-                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                }
                                 if tx.send(answer.map_err(Status::from)).await.is_err() || stop {
                                     break;
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                if e.code() == tonic::Code::OutOfRange || e.code() == tonic::Code::ResourceExhausted {
-                                    hub.refused_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                }
                                 tracing::debug!(error = %e, "heartbeat stream ended");
                                 // Tell the agent why (an oversized report, for one).
                                 let _ = tx.send(Err(e)).await;

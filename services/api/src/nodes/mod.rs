@@ -50,8 +50,6 @@ pub struct PeerCert {
 /// What this replica knows of a node whose heartbeat stream it serves.
 #[derive(Debug, Clone)]
 pub(crate) struct Beat {
-    /// When the last report arrived.
-    pub(crate) at: tokio::time::Instant,
     /// Which stream of this replica serves it (a reconnect makes a new one).
     pub(crate) stream: u64,
     /// When the record's `last_heartbeat_at` was last written.
@@ -74,9 +72,6 @@ pub struct NodeHub {
     pub(crate) lease: std::sync::atomic::AtomicI64,
     /// Nodes whose heartbeat streams this replica serves.
     pub(crate) beats: Mutex<HashMap<String, Beat>>,
-    /// Heartbeat reports refused for size or rate, and the last accepted
-    /// report time per node (rate limit).
-    pub(crate) refused_reports: std::sync::atomic::AtomicU64,
     /// Names of deleted nodes, so their open heartbeat streams end at once.
     pub(crate) deleted: broadcast::Sender<String>,
 }
@@ -95,7 +90,6 @@ impl NodeHub {
             replica_id: uuid::Uuid::now_v7().simple().to_string(),
             lease: std::sync::atomic::AtomicI64::new(0),
             beats: Mutex::new(HashMap::new()),
-            refused_reports: std::sync::atomic::AtomicU64::new(0),
             deleted: broadcast::channel(64).0,
         }
     }
@@ -112,11 +106,6 @@ impl NodeHub {
         &self.ca
     }
 
-    /// How many heartbeat reports were refused (size, rate or content).
-    pub fn refused_reports(&self) -> u64 {
-        self.refused_reports.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// A node record by name, read from the store (for writes that
     /// compare-and-swap on it).
     pub async fn node(&self, name: &str) -> Result<Option<Versioned<NodeRecord>>, ApiError> {
@@ -131,14 +120,8 @@ impl NodeHub {
         if otherix_pki::validate_node_name(name).is_err() {
             return Ok(None);
         }
-        self.nodes.caught_up().await.map_err(store_error)?;
-        let key = node_key(name);
-        if let Some(n) = self.nodes.get(&key).map_err(store_error)? {
-            return Ok(Some(n));
-        }
-        // Enrolled a moment ago through another replica.
-        self.nodes.sync().await.map_err(store_error)?;
-        self.nodes.get(&key).map_err(store_error)
+        // A miss is checked against the store: enrolled a moment ago through another replica.
+        self.nodes.lookup(&node_key(name)).await.map_err(store_error)
     }
 
     /// Every node record, by name, from memory.
