@@ -19,6 +19,45 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs a command to completion and returns its stdout; a failure fails the
+/// test with the command and both outputs.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Python virtualenv named `name` under the target dir with the pinned
+/// `requirements` (a path under the repository) installed; rebuilt only when
+/// the requirements change. Returns its `bin` directory.
+pub fn python_venv(name: &str, requirements: &str) -> PathBuf {
+    let root = repo_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let dir = target.join(name);
+    let reqs = root.join(requirements);
+    let stamp = dir.join(".requirements");
+    let wanted = std::fs::read_to_string(&reqs).unwrap_or_else(|e| panic!("{}: {e}", reqs.display()));
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        let _ = std::fs::remove_dir_all(&dir);
+        run(std::process::Command::new("python3").args(["-m", "venv"]).arg(&dir));
+        run(std::process::Command::new(dir.join("bin/python"))
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&reqs));
+        std::fs::write(&stamp, wanted).expect("write the venv stamp");
+    }
+    dir.join("bin")
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")

@@ -2,45 +2,15 @@
 //! (openapi-spec-validator from PyPI), and a client generated from it with
 //! openapi-python-client logs in and lists users against a running otherix-api.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess};
+use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess, python_venv, repo_root, run};
 use serde_json::Value;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A virtualenv with the pinned tools, cached in the target dir across runs.
-fn venv(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let dir = target.join("openapi-venv");
-    let reqs = root.join("e2e/openapi/requirements.txt");
-    let stamp = dir.join(".requirements");
-    let wanted = std::fs::read_to_string(&reqs).unwrap();
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        let _ = std::fs::remove_dir_all(&dir);
-        run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
-        run(Command::new(dir.join("bin/python"))
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
-            .arg(&reqs));
-        std::fs::write(&stamp, wanted).unwrap();
-    }
-    dir.join("bin")
-}
 
 #[tokio::test]
 async fn openapi_validates_and_a_generated_client_logs_in_and_lists_users() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = venv(&root);
+    let root = repo_root();
+    let bin = python_venv("openapi-venv", "e2e/openapi/requirements.txt");
     let dir = tempfile::tempdir().unwrap();
     let api = ApiProcess::start(dir.path(), "").await;
     let doc = otherix_e2e::http().get(format!("{}/openapi.json", api.base)).send().await.unwrap();

@@ -2,46 +2,16 @@
 //! with grpcio-tools (from PyPI) logs in, creates an API token and lists
 //! users against a running otherix-api.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess};
+use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess, python_venv, repo_root, run};
 use serde_json::Value;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A virtualenv with grpcio-tools, cached in the target dir across runs.
-fn venv(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let dir = target.join("py-venv");
-    let python = dir.join("bin/python");
-    let reqs = root.join("e2e/python/requirements.txt");
-    let stamp = dir.join(".requirements");
-    let wanted = std::fs::read_to_string(&reqs).unwrap();
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        let _ = std::fs::remove_dir_all(&dir);
-        run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
-        run(Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
-            .arg(&reqs));
-        std::fs::write(&stamp, wanted).unwrap();
-    }
-    python
-}
 
 #[tokio::test]
 async fn a_generated_python_client_logs_in_creates_a_token_and_lists_users() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = venv(&root);
+    let root = repo_root();
+    let python = python_venv("py-venv", "e2e/python/requirements.txt").join("python");
     let gen_dir = tempfile::tempdir().unwrap();
     let protos: Vec<PathBuf> = ["otherix/v1", "google/api", "google/rpc"]
         .iter()

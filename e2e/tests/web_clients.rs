@@ -6,24 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess};
+use otherix_e2e::{ADMIN_EMAIL, ADMIN_PASSWORD, ApiProcess, repo_root as root, run};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// clients/ts with its pinned npm packages installed (`make deps` does it too).
 fn ts_dir() -> PathBuf {
